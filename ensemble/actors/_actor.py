@@ -1,0 +1,543 @@
+"""Actors, refs, and the cell that runs an actor's loop.
+
+An :class:`Actor` is user code: ``receive`` plus optional hooks. A *cell*
+(:class:`_Cell`) is the runtime's side: it owns the mailbox, the statistics
+and the one :class:`ActorRef`, and it outlives every incarnation of the actor,
+which is why refs and queued messages survive restarts.
+
+Timers live in the cell's loop: a heap of deadlines, and the loop waits for
+its next message inside a cancel scope whose deadline is the earliest timer.
+No task is spawned per timer.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
+
+import attrs
+import trio
+
+from ._errors import ActorCrashed, ActorError, ActorStopped, AskTimeout
+from ._mailbox import Mailbox, MailboxConfig, _Reply
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+logger = logging.getLogger("ensemble.actors")
+
+DEFAULT_ASK_TIMEOUT: Final = 5.0  # seconds
+BATCH_LIMIT: Final = 128  # messages handled between two forced checkpoints
+
+
+class Actor:
+    """Base class of every actor.
+
+    Subclasses implement :meth:`receive`; whatever it returns is the reply to
+    an :meth:`ActorRef.ask`. An exception whose type is listed in
+    :attr:`expected_exceptions` is a *rejection*: it is re-raised to the
+    asker and the actor carries on with its state intact. Any other exception
+    is a *crash*: the message is dropped, the asker gets
+    :class:`ActorCrashed`, and the supervisor decides what happens next.
+
+    Class attributes:
+        mailbox: The default :class:`MailboxConfig` of this actor class (a
+            child spec may override it).
+        expected_exceptions: Exception types that are rejections, not crashes.
+    """
+
+    mailbox: ClassVar[MailboxConfig] = MailboxConfig()
+    expected_exceptions: ClassVar[tuple[type[Exception], ...]] = ()
+
+    _ensemble_cell: _Cell
+
+    async def receive(self, message: Any) -> Any:
+        """Handle one message; the return value is the reply to an ``ask``.
+
+        Args:
+            message: The message.
+
+        Returns:
+            The reply (ignored for ``tell``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement receive()")
+
+    async def on_start(self) -> None:
+        """Called before the first message of each incarnation.
+
+        An exception here counts as a crash (and, on the very first start,
+        makes ``start_child`` raise :class:`ActorStartFailed`).
+        """
+
+    async def on_stop(self) -> None:
+        """Called when this incarnation stops: normally, on shutdown (within
+        the child's grace period), or after a crash (best effort)."""
+
+    # -- runtime services -----------------------------------------------------
+
+    @property
+    def ref(self) -> ActorRef:
+        """This actor's ref (the same object across restarts)."""
+        return self._cell().ref
+
+    @property
+    def path(self) -> str:
+        """This actor's path, such as ``/rooms/general``."""
+        return self._cell().path
+
+    def start_timer(self, key: Hashable, seconds: float, message: Any, *, repeat: bool = False) -> None:
+        """Deliver ``message`` to this actor after ``seconds``.
+
+        Starting a timer with the key of a running one replaces it. Timers
+        belong to this incarnation: a restart clears them.
+
+        Args:
+            key: Names the timer, for :meth:`cancel_timer` and replacement.
+            seconds: Delay (and, with ``repeat``, the period); must be >= 0.
+            message: What :meth:`receive` gets when the timer fires.
+            repeat: Fire every ``seconds`` until cancelled (a fixed-rate
+                schedule: deadlines do not drift with handling time).
+
+        Raises:
+            ValueError: ``seconds`` is negative or NaN, or zero with ``repeat``.
+        """
+        self._cell().start_timer(key, seconds, message, repeat)
+
+    def cancel_timer(self, key: Hashable) -> bool:
+        """Cancel the timer named ``key``.
+
+        Returns:
+            Whether a timer was running under that key.
+        """
+        return self._cell().cancel_timer(key)
+
+    def stop(self) -> None:
+        """Stop this actor normally after the current message.
+
+        A ``transient`` or ``temporary`` child is then removed; a
+        ``permanent`` one is restarted.
+        """
+        self._cell().request_stop()
+
+    def _cell(self) -> _Cell:
+        try:
+            return self._ensemble_cell
+        except AttributeError:
+            raise RuntimeError(f"{type(self).__name__} is not running under a supervisor") from None
+
+
+@attrs.frozen
+class ActorStatistics:
+    """A snapshot of one actor's counters (see :meth:`ActorRef.statistics`).
+
+    Attributes:
+        path: The actor's path.
+        state: ``starting``, ``running``, ``restarting``, ``stopping`` or
+            ``stopped``.
+        mailbox_capacity: The mailbox bound.
+        mailbox_depth: Messages queued now.
+        mailbox_peak: The most messages ever queued at once.
+        messages_handled: Messages (and timer messages) handled, including
+            rejections.
+        messages_rejected: Messages refused with an expected exception.
+        crashes: Unexpected exceptions, in ``on_start`` or ``receive``.
+        restarts: Times the actor was restarted.
+        dropped_newest: Messages dropped by ``drop_newest`` (and by
+            ``keep_latest`` when full with a new key).
+        dropped_oldest: Messages evicted by ``drop_oldest``.
+        coalesced: Messages replaced in place by ``keep_latest``.
+        refused: Messages refused with :class:`MailboxFull` at once.
+        block_timeouts: ``block`` senders that gave up waiting.
+        dropped_on_stop: Messages still queued when the actor stopped for good.
+        blocked_senders: Senders waiting for room now.
+        active_timers: Timers running now.
+        timers_fired: Timer messages delivered.
+    """
+
+    path: str
+    state: str
+    mailbox_capacity: int
+    mailbox_depth: int
+    mailbox_peak: int
+    messages_handled: int
+    messages_rejected: int
+    crashes: int
+    restarts: int
+    dropped_newest: int
+    dropped_oldest: int
+    coalesced: int
+    refused: int
+    block_timeouts: int
+    dropped_on_stop: int
+    blocked_senders: int
+    active_timers: int
+    timers_fired: int
+
+    @property
+    def dropped(self) -> int:
+        """Every message lost to an overflow policy or a stop."""
+        return self.dropped_newest + self.dropped_oldest + self.coalesced + self.refused + self.block_timeouts + self.dropped_on_stop
+
+
+class ActorRef:
+    """The handle to an actor: the only thing users hold.
+
+    A ref stays valid across restarts of its actor; after the actor stops
+    for good, sending raises :class:`ActorStopped`. Refs compare by identity
+    (there is one per actor) and are hashable.
+    """
+
+    __slots__ = ("_cell", "_mailbox")
+
+    def __init__(self, cell: _Cell) -> None:
+        self._cell = cell
+        self._mailbox = cell.mailbox
+
+    def __repr__(self) -> str:
+        return f"<ActorRef {self._cell.path} ({self._cell.state})>"
+
+    @property
+    def path(self) -> str:
+        """The actor's path, such as ``/rooms/general``."""
+        return self._cell.path
+
+    @property
+    def alive(self) -> bool:
+        """Whether the actor still takes messages (it may be restarting)."""
+        return not self._mailbox.closed
+
+    def tell_nowait(self, message: Any) -> None:
+        """Queue ``message`` without waiting.
+
+        Raises:
+            MailboxFull: The mailbox is full and its policy is ``fail`` or
+                ``block`` (which cannot wait here).
+            ActorStopped: The actor has stopped for good.
+        """
+        self._mailbox.put_nowait_or_fail(message)
+
+    async def tell(self, message: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109 (the documented API)
+        """Queue ``message``; under ``block``, wait for room.
+
+        Args:
+            message: The message.
+            timeout: How long to wait for room under ``block``; defaults to
+                the mailbox's ``block_timeout``.
+
+        Raises:
+            MailboxFull: The policy refused the message or the wait timed out.
+            ActorStopped: The actor has stopped for good.
+        """
+        await self._mailbox.put(message, timeout=timeout)
+
+    async def ask(self, message: Any, *, timeout: float | None = DEFAULT_ASK_TIMEOUT) -> Any:  # noqa: ASYNC109 (the documented API)
+        """Send ``message`` and wait for the actor's reply.
+
+        Args:
+            message: The message.
+            timeout: Seconds to wait for the reply (including any wait for
+                mailbox room); ``None`` waits as long as the caller's own
+                cancel scopes allow.
+
+        Returns:
+            What the actor's ``receive`` returned.
+
+        Raises:
+            AskTimeout: No reply within ``timeout``.
+            ActorCrashed: The actor crashed on this message.
+            MailboxFull: The mailbox refused the message.
+            MessageDropped: The message was evicted before it was handled.
+            ActorStopped: The actor stopped before handling it.
+            Exception: Whatever expected exception the actor rejected the
+                message with.
+        """
+        reply = _Reply()
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            await self._mailbox.put(message, reply)
+            return await reply.wait()
+        reply.fail(AskTimeout(self.path, "abandoned"))
+        raise AskTimeout(self.path, f"{self.path} did not reply within {timeout} s")
+
+    def statistics(self) -> ActorStatistics:
+        """A frozen snapshot of the actor's counters."""
+        return self._cell.statistics()
+
+
+class TaskStarted(Protocol):
+    """What a child's run function calls once it is ready (like ``task_status``)."""
+
+    def started(self, value: None = None) -> None: ...
+
+
+class _Fault(Protocol):
+    """A fault-injection hook (see :mod:`ensemble.testing`)."""
+
+    def matches(self, message: Any) -> bool: ...
+
+    def apply(self, cell: _Cell, message: Any) -> Awaitable[None]: ...
+
+
+class _Timer:
+    __slots__ = ("active", "deadline", "interval", "key", "message")
+
+    def __init__(self, key: Hashable, deadline: float, message: Any, interval: float | None) -> None:
+        self.key = key
+        self.deadline = deadline
+        self.message = message
+        self.interval = interval
+        self.active = True
+
+
+class _Filler:
+    """A mailbox filler put in by fault injection; the loop skips it."""
+
+    __slots__ = ()
+
+
+FILLER: Final = _Filler()
+
+
+class _Cell:
+    """The runtime side of one actor: mailbox, ref, timers, statistics."""
+
+    def __init__(self, path: str, factory: Callable[[], Actor], mailbox: MailboxConfig | None) -> None:
+        self.path = path
+        self.factory = factory
+        self.mailbox_config = mailbox
+        config = mailbox
+        if config is None:
+            probe = getattr(factory, "mailbox", None)
+            config = probe if isinstance(probe, MailboxConfig) else MailboxConfig()
+        self.mailbox = Mailbox(config, path)
+        self.ref = ActorRef(self)
+        self.actor: Actor | None = None
+        self.state = "starting"
+        self.handled = 0
+        self.rejected = 0
+        self.crashes = 0
+        self.restarts = 0
+        self.timers_fired = 0
+        self.last_crash: BaseException | None = None
+        self._stop_requested = False
+        self._timers: dict[Hashable, _Timer] = {}
+        self._heap: list[tuple[float, int, _Timer]] = []
+        self._seq = itertools.count()
+        # Fault injection (ensemble.testing); None on the fast path.
+        self.faults: list[_Fault] | None = None
+        self.stalled: trio.Event | None = None
+
+    # -- control -------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        self.mailbox.wake()
+
+    def close(self) -> None:
+        """Stop for good: refuse messages, fail queued asks."""
+        self.state = "stopped"
+        self.mailbox.close()
+        self._timers.clear()
+        self._heap.clear()
+
+    def statistics(self) -> ActorStatistics:
+        mb = self.mailbox
+        return ActorStatistics(
+            path=self.path,
+            state=self.state,
+            mailbox_capacity=mb.capacity,
+            mailbox_depth=len(mb),
+            mailbox_peak=mb.peak,
+            messages_handled=self.handled,
+            messages_rejected=self.rejected,
+            crashes=self.crashes,
+            restarts=self.restarts,
+            dropped_newest=mb.dropped_newest,
+            dropped_oldest=mb.dropped_oldest,
+            coalesced=mb.coalesced,
+            refused=mb.refused,
+            block_timeouts=mb.block_timeouts,
+            dropped_on_stop=mb.dropped_on_stop,
+            blocked_senders=mb.blocked_senders,
+            active_timers=len(self._timers),
+            timers_fired=self.timers_fired,
+        )
+
+    # -- timers --------------------------------------------------------------
+
+    def start_timer(self, key: Hashable, seconds: float, message: Any, repeat: bool) -> None:
+        if not seconds >= 0:
+            raise ValueError(f"timer {key!r} of {self.path}: seconds must be >= 0, got {seconds}")
+        if repeat and seconds == 0:
+            raise ValueError(f"timer {key!r} of {self.path}: a repeating timer needs seconds > 0")
+        old = self._timers.get(key)
+        if old is not None:
+            old.active = False
+        timer = _Timer(key, trio.current_time() + seconds, message, seconds if repeat else None)
+        self._timers[key] = timer
+        heapq.heappush(self._heap, (timer.deadline, next(self._seq), timer))
+        if len(self._heap) > 64 and len(self._heap) > 4 * len(self._timers):
+            self._compact_heap()
+        self.mailbox.wake()
+
+    def cancel_timer(self, key: Hashable) -> bool:
+        timer = self._timers.pop(key, None)
+        if timer is None:
+            return False
+        timer.active = False
+        return True
+
+    def _compact_heap(self) -> None:
+        self._heap = [entry for entry in self._heap if entry[2].active]
+        heapq.heapify(self._heap)
+
+    def _next_deadline(self) -> float:
+        heap = self._heap
+        while heap and not heap[0][2].active:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else math.inf
+
+    def _pop_due_timer(self, now: float) -> _Timer | None:
+        if self._next_deadline() > now:
+            return None
+        _, _, timer = heapq.heappop(self._heap)
+        if timer.interval is None:
+            timer.active = False
+            del self._timers[timer.key]
+        else:
+            timer.deadline += timer.interval
+            heapq.heappush(self._heap, (timer.deadline, next(self._seq), timer))
+        return timer
+
+    # -- running -------------------------------------------------------------
+
+    async def run(self, task_status: TaskStarted) -> None:
+        """Run one incarnation: create, ``on_start``, loop, ``on_stop``.
+
+        Returns normally when the actor stops normally or is asked to stop;
+        raises the exception of a crash.
+        """
+        self._stop_requested = False
+        self._timers.clear()
+        self._heap.clear()
+        self.state = "starting"
+        actor = self.factory()
+        actor._ensemble_cell = self
+        self.actor = actor
+        try:
+            await actor.on_start()
+        except Exception as exc:
+            self._record_crash(exc, "on_start")
+            raise
+        self.state = "running"
+        task_status.started()
+        try:
+            await self._loop(actor)
+        except Exception as exc:
+            self._record_crash(exc, "receive")
+            await self._stop_after_crash(actor)
+            raise
+        self.state = "stopping"
+        try:
+            await actor.on_stop()
+        except Exception as exc:
+            self._record_crash(exc, "on_stop")
+            raise
+
+    def _record_crash(self, exc: Exception, where: str) -> None:
+        self.crashes += 1
+        self.last_crash = exc
+        self.state = "restarting"
+        logger.error("actor %s crashed in %s: %r", self.path, where, exc, exc_info=exc)
+
+    async def _stop_after_crash(self, actor: Actor) -> None:
+        try:
+            await actor.on_stop()
+        except Exception as exc:
+            logger.warning("on_stop of %s raised after a crash: %r", self.path, exc)
+
+    async def _loop(self, actor: Actor) -> None:
+        mailbox = self.mailbox
+        receive = actor.receive
+        expected = type(actor).expected_exceptions
+        path = self.path
+        while not self._stop_requested:
+            if self.stalled is not None:
+                await self.stalled.wait()
+                continue
+            if self._heap:
+                timer = self._pop_due_timer(trio.current_time())
+                if timer is not None:
+                    self.timers_fired += 1
+                    await self._handle_timer(receive, expected, timer.message)
+                    continue
+            if not mailbox:
+                deadline = self._next_deadline()
+                if deadline == math.inf:
+                    await mailbox.wait_nonempty()
+                else:
+                    with trio.CancelScope(deadline=deadline):
+                        await mailbox.wait_nonempty()
+                continue
+            count = 0
+            while mailbox:
+                message, reply = mailbox.pop()
+                if message is FILLER:
+                    continue
+                try:
+                    if self.faults is not None:
+                        await self._apply_faults(message)
+                    result = await receive(message)
+                except expected as exc:
+                    self.handled += 1
+                    self.rejected += 1
+                    if reply is not None:
+                        reply.fail(exc)
+                except Exception as exc:
+                    if reply is not None:
+                        reply.fail(_crashed(path, exc))
+                    raise
+                except BaseException:
+                    if reply is not None:
+                        reply.fail(ActorStopped(path, f"{path} was cancelled while handling the ask"))
+                    raise
+                else:
+                    self.handled += 1
+                    if reply is not None:
+                        reply.set(result)
+                count += 1
+                if count >= BATCH_LIMIT or self._stop_requested or self.stalled is not None:
+                    break
+                if self._heap and self._heap[0][0] <= trio.current_time():
+                    break
+            if count >= BATCH_LIMIT:
+                await trio.lowlevel.checkpoint()
+
+    async def _handle_timer(
+        self,
+        receive: Callable[[Any], Awaitable[Any]],
+        expected: tuple[type[Exception], ...],
+        message: Any,
+    ) -> None:
+        """Handle a timer message (the mailbox path is inlined in ``_loop``)."""
+        try:
+            if self.faults is not None:
+                await self._apply_faults(message)
+            await receive(message)
+        except expected:
+            self.rejected += 1
+        self.handled += 1
+
+    async def _apply_faults(self, message: Any) -> None:
+        for fault in list(self.faults or ()):
+            if fault.matches(message):
+                await fault.apply(self, message)
+
+
+def _crashed(path: str, exc: Exception) -> ActorError:
+    error = ActorCrashed(path, f"{path} crashed handling the message: {exc!r}")
+    error.__cause__ = exc
+    return error
