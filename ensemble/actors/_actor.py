@@ -12,6 +12,7 @@ No task is spawned per timer.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -310,7 +311,12 @@ class _Cell:
         self.mailbox_config = mailbox
         config = mailbox
         if config is None:
-            probe = getattr(factory, "mailbox", None)
+            # The actor class's default, also through functools.partial (the
+            # documented way to pass arguments to an actor's constructor).
+            target: Any = factory
+            while isinstance(target, functools.partial):
+                target = target.func
+            probe = getattr(target, "mailbox", None)
             config = probe if isinstance(probe, MailboxConfig) else MailboxConfig()
         self.mailbox = Mailbox(config, path)
         self.ref = ActorRef(self)
@@ -340,8 +346,7 @@ class _Cell:
         """Stop for good: refuse messages, fail queued asks."""
         self.state = "stopped"
         self.mailbox.close()
-        self._timers.clear()
-        self._heap.clear()
+        self._clear_timers()
 
     def statistics(self) -> ActorStatistics:
         mb = self.mailbox
@@ -383,6 +388,10 @@ class _Cell:
             self._compact_heap()
         self.mailbox.wake()
 
+    def _clear_timers(self) -> None:
+        self._timers.clear()
+        self._heap.clear()
+
     def cancel_timer(self, key: Hashable) -> bool:
         timer = self._timers.pop(key, None)
         if timer is None:
@@ -421,8 +430,7 @@ class _Cell:
         raises the exception of a crash.
         """
         self._stop_requested = False
-        self._timers.clear()
-        self._heap.clear()
+        self._clear_timers()
         self.state = "starting"
         actor = self.factory()
         actor._ensemble_cell = self
@@ -440,6 +448,8 @@ class _Cell:
             self._record_crash(exc, "receive")
             await self._stop_after_crash(actor)
             raise
+        # Timers belong to the incarnation that is ending.
+        self._clear_timers()
         self.state = "stopping"
         try:
             await actor.on_stop()
@@ -451,6 +461,9 @@ class _Cell:
         self.crashes += 1
         self.last_crash = exc
         self.state = "restarting"
+        # Timers belong to the incarnation that crashed (no loop runs them
+        # while a restart waits for its backoff).
+        self._clear_timers()
         logger.error("actor %s crashed in %s: %r", self.path, where, exc, exc_info=exc)
 
     async def _stop_after_crash(self, actor: Actor) -> None:
@@ -464,14 +477,24 @@ class _Cell:
         receive = actor.receive
         expected = type(actor).expected_exceptions
         path = self.path
+        # Messages and timers handled since the loop last yielded. Kept across
+        # batches: a batch cut short by a due timer must not reset it, or a
+        # busy actor with frequent timers would never let other tasks run.
+        budget = BATCH_LIMIT
         while not self._stop_requested:
             if self.stalled is not None:
                 await self.stalled.wait()
+                budget = BATCH_LIMIT
+                continue
+            if budget <= 0:
+                await trio.lowlevel.checkpoint()
+                budget = BATCH_LIMIT
                 continue
             if self._heap:
                 timer = self._pop_due_timer(trio.current_time())
                 if timer is not None:
                     self.timers_fired += 1
+                    budget -= 1
                     await self._handle_timer(receive, expected, timer.message)
                     continue
             if not mailbox:
@@ -481,8 +504,8 @@ class _Cell:
                 else:
                     with trio.CancelScope(deadline=deadline):
                         await mailbox.wait_nonempty()
+                budget = BATCH_LIMIT
                 continue
-            count = 0
             while mailbox:
                 message, reply = mailbox.pop()
                 if message is FILLER:
@@ -508,13 +531,11 @@ class _Cell:
                     self.handled += 1
                     if reply is not None:
                         reply.set(result)
-                count += 1
-                if count >= BATCH_LIMIT or self._stop_requested or self.stalled is not None:
+                budget -= 1
+                if budget <= 0 or self._stop_requested or self.stalled is not None:
                     break
                 if self._heap and self._heap[0][0] <= trio.current_time():
                     break
-            if count >= BATCH_LIMIT:
-                await trio.lowlevel.checkpoint()
 
     async def _handle_timer(
         self,

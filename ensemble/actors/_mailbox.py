@@ -334,12 +334,15 @@ class Mailbox:
             MailboxFull: The policy refused the message, or no room was made
                 within the block timeout.
         """
+        # Trio's cancellation semantics: if this raises Cancelled, the message
+        # was not queued (so check before queueing, and shield the yield after).
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
             self.put_nowait(message, reply)
         except _Full:
             pass
         else:
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         limit = self.block_timeout if timeout is None else timeout
         with trio.move_on_after(math.inf if limit is None else limit):

@@ -33,7 +33,7 @@ import math
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any, Final, overload
 
 import attrs
@@ -359,6 +359,7 @@ class Supervisor:
         self._body_running = False
         self._started_once = False
         self._tokens = 0
+        self._control_scope = trio.CancelScope(shield=True)
 
     def __repr__(self) -> str:
         return f"<Supervisor {self.path} {self.strategy.value} ({self._state})>"
@@ -473,6 +474,7 @@ class Supervisor:
         self._self_cancelled = False
         self._body_running = False
         self._restart_times.clear()
+        self._control_scope = trio.CancelScope(shield=True)
         body_error: BaseException | None = None
         inbox_send, inbox_receive = trio.open_memory_channel[Any](math.inf)
         ready = _Reply()
@@ -492,6 +494,12 @@ class Supervisor:
                 self._state = "stopping"
                 with trio.CancelScope(shield=True):
                     await self._shutdown()
+                # Normally a no-op: the control loop has ended and stopped
+                # every child. If it died, do not wait on shielded tasks.
+                self._control_scope.cancel()
+                for child in self._children.values():
+                    if child.scope is not None:
+                        child.scope.cancel()
                 nursery.cancel_scope.cancel()
         self._state = "stopped"
         self._nursery = None
@@ -507,7 +515,11 @@ class Supervisor:
             return  # the control loop has ended (gave up or stopped)
         command = _StopAll(_Reply())
         send.send_nowait(command)
-        await command.reply.wait()
+        # The control loop may end first, having stopped the children itself
+        # (it gave up, or an initial child failed to start); it then refuses
+        # this command, which is no error here.
+        with suppress(ActorStopped):
+            await command.reply.wait()
 
     async def _start_initial(self) -> None:
         """(Re)start the children this supervisor starts with, in order."""
@@ -539,11 +551,18 @@ class Supervisor:
         self._closed = True
 
     async def _control_loop(self, inbox: trio.MemoryReceiveChannel[Any], ready: _Reply) -> None:
+        # Shielded from outer cancellation, so that it can stop the children
+        # gracefully when the body ends; it ends itself (stop, give up), and
+        # ``_running`` cancels ``_control_scope`` as a last resort.
+        with self._control_scope:
+            await self._control_loop_body(inbox, ready)
+
+    async def _control_loop_body(self, inbox: trio.MemoryReceiveChannel[Any], ready: _Reply) -> None:
         current: Any = None
         try:
             try:
                 await self._start_initial()
-            except ActorStartFailed as exc:
+            except (ActorStartFailed, ValueError) as exc:
                 ready.fail(exc)
                 await self._stop_children()
                 self._inbox_send = None
@@ -662,6 +681,10 @@ class Supervisor:
             nonlocal started
             started = True
             child.running = True
+            # From now on only the supervisor stops the child (gracefully,
+            # then by cancelling ``scope``), even when an outer scope is
+            # cancelled; ``on_start`` stays cancellable from outside.
+            scope.shield = True
             task_status.started()
 
         status = _Status(mark_started)

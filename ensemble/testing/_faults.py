@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 import trio
 
-from ..actors import ActorRef
+from ..actors import ActorRef, ActorStopped
 from ..actors._actor import FILLER, _Cell
 
 
@@ -203,12 +203,20 @@ class FaultInjector:
             ref: The actor.
             message: What to fill with; by default an inert filler the actor
                 never sees.
-            leave: How many free places to leave.
+            leave: How many free places to leave (>= 0).
 
         Returns:
             How many messages were added.
+
+        Raises:
+            ValueError: ``leave`` is negative.
+            ActorStopped: The actor has stopped for good.
         """
+        if leave < 0:
+            raise ValueError(f"leave must be >= 0, got {leave}")
         mailbox = ref._cell.mailbox
+        if mailbox.closed:
+            raise ActorStopped(ref.path, f"actor {ref.path} has stopped")
         added = 0
         while len(mailbox) < mailbox.capacity - leave:
             mailbox._queue.append(message)

@@ -26,7 +26,17 @@ def fault_injector() -> Iterator[FaultInjector]:
 
 
 @pytest.fixture
-async def supervisor() -> AsyncIterator[Supervisor]:
-    """A running ``one_for_one`` supervisor (path ``/test``), stopped after the test."""
+async def supervisor(fault_injector: FaultInjector) -> AsyncIterator[Supervisor]:
+    """A running ``one_for_one`` supervisor (path ``/test``), stopped after the test.
+
+    The test's faults are cleared (and stalls released) before the supervisor
+    stops its children, so a stalled actor shuts down normally instead of
+    being cancelled after its grace period. (A sync fixture such as
+    ``fault_injector`` is torn down only after the test's Trio run, which is
+    too late for that.)
+    """
     async with open_supervisor(name="test") as running:
-        yield running
+        try:
+            yield running
+        finally:
+            fault_injector.clear()
