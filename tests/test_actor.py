@@ -20,12 +20,15 @@ from ensemble.actors import (
     Actor,
     ActorCrashed,
     ActorRef,
+    ActorStartFailed,
     ActorStatistics,
     ActorStopped,
     AskTimeout,
     Backoff,
+    ChildSpec,
     MailboxConfig,
     open_actor,
+    open_supervisor,
 )
 from ensemble.actors._actor import BATCH_LIMIT
 from ensemble.testing import FaultInjector
@@ -462,3 +465,61 @@ async def test_statistics_after_a_known_sequence(autojump_clock: trio.testing.Mo
     assert stats.dropped == 2
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         stats.crashes = 0  # type: ignore[misc]
+
+
+# -- factories ------------------------------------------------------------------------------
+
+
+class SmallDropOldest(Actor):
+    mailbox = MailboxConfig(size=3, overflow="drop_oldest")
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    async def receive(self, message: object) -> object:
+        return (self.label, message)
+
+
+async def test_class_mailbox_config_is_used_whatever_the_factory(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_supervisor() as sup:
+        by_lambda = await sup.start_child(ChildSpec(id="lambda", factory=lambda: SmallDropOldest("l")))
+        by_partial = await sup.start_child(ChildSpec(id="partial", factory=functools.partial(SmallDropOldest, "p")))
+        by_spec = await sup.start_child(
+            ChildSpec(id="spec", factory=lambda: SmallDropOldest("s"), mailbox=MailboxConfig(size=7, overflow="fail"))
+        )
+        assert by_lambda.statistics().mailbox_capacity == 3
+        assert by_partial.statistics().mailbox_capacity == 3
+        assert by_spec.statistics().mailbox_capacity == 7
+        assert await by_lambda.ask("x") == ("l", "x")
+
+
+class ExplodingConstructor(Actor):
+    attempts = 0
+
+    def __init__(self) -> None:
+        type(self).attempts += 1
+        if type(self).attempts == 2:
+            raise RuntimeError("constructor failed")
+
+    async def receive(self, message: object) -> object:
+        if message == "boom":
+            raise RuntimeError("boom")
+        return message
+
+
+async def test_a_constructor_failure_on_restart_is_a_crash(autojump_clock: trio.testing.MockClock) -> None:
+    ExplodingConstructor.attempts = 0
+    async with open_supervisor() as sup:
+        ref = await sup.start_child(ChildSpec(id="c", factory=ExplodingConstructor))
+        ref.tell_nowait("boom")  # crash 1; the restart's constructor fails (crash 2); the next restart works
+        assert await ref.ask("after") == "after"
+        stats = ref.statistics()
+        assert (stats.crashes, stats.restarts) == (2, 2)
+        assert ExplodingConstructor.attempts == 3
+
+
+async def test_a_factory_that_returns_no_actor_fails_to_start(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_supervisor() as sup:
+        with pytest.raises(ActorStartFailed, match="not an Actor") as info:
+            await sup.start_child(ChildSpec(id="bad", factory=lambda: "nope"))  # type: ignore[arg-type,return-value]
+        assert isinstance(info.value.__cause__, TypeError)

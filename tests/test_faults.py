@@ -477,7 +477,9 @@ async def test_clear_removes_every_fault_and_releases_every_stall(autojump_clock
         assert await ref.ask("a") == 1
         assert await other.ask("b") == 2
         assert trio.current_time() == start  # no delay left
-        assert h.seen == ["a", "queued", "b"]
+        # Two actors share ``seen``: only each actor's own order is defined.
+        assert sorted(h.seen) == ["a", "b", "queued"]
+        assert h.seen.index("queued") < h.seen.index("b")
         h.injector.clear()  # idempotent
 
 

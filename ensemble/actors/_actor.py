@@ -12,7 +12,6 @@ No task is spawned per timer.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import itertools
 import logging
@@ -308,17 +307,11 @@ class _Cell:
     def __init__(self, path: str, factory: Callable[[], Actor], mailbox: MailboxConfig | None) -> None:
         self.path = path
         self.factory = factory
-        self.mailbox_config = mailbox
-        config = mailbox
-        if config is None:
-            # The actor class's default, also through functools.partial (the
-            # documented way to pass arguments to an actor's constructor).
-            target: Any = factory
-            while isinstance(target, functools.partial):
-                target = target.func
-            probe = getattr(target, "mailbox", None)
-            config = probe if isinstance(probe, MailboxConfig) else MailboxConfig()
-        self.mailbox = Mailbox(config, path)
+        # A spec's mailbox config wins; otherwise the actor class's, which is
+        # known for sure only once the factory has made the first instance
+        # (the factory may be a lambda), so ``run`` settles it then.
+        self._mailbox_settled = mailbox is not None
+        self.mailbox = Mailbox(mailbox or MailboxConfig(), path)
         self.ref = ActorRef(self)
         self.actor: Actor | None = None
         self.state = "starting"
@@ -432,10 +425,13 @@ class _Cell:
         self._stop_requested = False
         self._clear_timers()
         self.state = "starting"
-        actor = self.factory()
-        actor._ensemble_cell = self
-        self.actor = actor
         try:
+            actor = self.factory()
+            if not isinstance(actor, Actor):
+                raise TypeError(f"the factory of {self.path} returned {actor!r}, not an Actor")
+            self._settle_mailbox(type(actor))
+            actor._ensemble_cell = self
+            self.actor = actor
             await actor.on_start()
         except Exception as exc:
             self._record_crash(exc, "on_start")
@@ -456,6 +452,16 @@ class _Cell:
         except Exception as exc:
             self._record_crash(exc, "on_stop")
             raise
+
+    def _settle_mailbox(self, actor_class: type[Actor]) -> None:
+        """Use the actor class's mailbox config, on the first start only."""
+        if self._mailbox_settled:
+            return
+        self._mailbox_settled = True
+        config = actor_class.mailbox
+        if config != self.mailbox.config and not self.mailbox:
+            self.mailbox = Mailbox(config, self.path)
+            self.ref._mailbox = self.mailbox
 
     def _record_crash(self, exc: Exception, where: str) -> None:
         self.crashes += 1

@@ -180,6 +180,7 @@ class Mailbox:
         "capacity",
         "closed",
         "coalesced",
+        "config",
         "dropped_newest",
         "dropped_oldest",
         "dropped_on_stop",
@@ -190,6 +191,7 @@ class Mailbox:
 
     def __init__(self, config: MailboxConfig, path: str) -> None:
         self.path = path
+        self.config = config
         self.capacity = config.size
         self.block_timeout = config.block_timeout
         self._default = config.overflow
