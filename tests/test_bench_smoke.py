@@ -37,7 +37,7 @@ def test_all_scenarios_and_report(bench: ModuleType, tmp_path: Path) -> None:
     tiny = bench.Sizes(fanout=((2, 3), (5, 2)), pingpong=4, ask=4, channel=8, repeats=1)
     lines: list[str] = []
     results = bench.run_all(tiny, log=lines.append)
-    assert len(results) == len(lines) == 10
+    assert len(results) == len(lines) == 11
     assert {r.scenario for r in results} >= {"fanout", "fanout_raw", "pingpong_tell_nowait", "ask", "pingpong_raw", "channel_raw"}
     assert all(r.wall > 0 and r.us_wall > 0 for r in results)
     assert "fan-out" in bench.format_table(results)

@@ -23,7 +23,7 @@ import attrs
 import trio
 
 from ._errors import ActorCrashed, ActorError, ActorStopped, AskTimeout
-from ._mailbox import Mailbox, MailboxConfig, _Reply
+from ._mailbox import Mailbox, MailboxConfig, _Envelope, _Reply
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -218,7 +218,21 @@ class ActorRef:
                 ``block`` (which cannot wait here).
             ActorStopped: The actor has stopped for good.
         """
-        self._mailbox.put_nowait_or_fail(message)
+        mailbox = self._mailbox
+        queue = mailbox._queue
+        if mailbox._plain and len(queue) < mailbox.capacity:
+            # Mailbox.put_nowait/_append inlined for the common case (an
+            # open mailbox with one policy, not full): the fan-out hot path.
+            queue.append(message)
+            depth = len(queue)
+            if depth > mailbox.peak:
+                mailbox.peak = depth
+            receiver = mailbox._receiver
+            if receiver is not None:
+                mailbox._receiver = None
+                trio.lowlevel.reschedule(receiver)
+            return
+        mailbox.put_nowait_or_fail(message)
 
     async def tell(self, message: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109 (the documented API)
         """Queue ``message``; under ``block``, wait for room.
@@ -256,8 +270,12 @@ class ActorRef:
                 message with.
         """
         reply = _Reply()
-        with trio.move_on_after(math.inf if timeout is None else timeout):
+        if timeout is None:
             await self._mailbox.put(message, reply)
+            return await reply.wait()
+        with trio.move_on_after(timeout):
+            # No schedule point after queueing: reply.wait() is one.
+            await self._mailbox.put(message, reply, schedule=False)
             return await reply.wait()
         reply.fail(AskTimeout(self.path, "abandoned"))
         raise AskTimeout(self.path, f"{self.path} did not reply within {timeout} s")
@@ -480,6 +498,8 @@ class _Cell:
 
     async def _loop(self, actor: Actor) -> None:
         mailbox = self.mailbox
+        queue = mailbox._queue
+        popleft = queue.popleft
         receive = actor.receive
         expected = type(actor).expected_exceptions
         path = self.path
@@ -503,7 +523,7 @@ class _Cell:
                     budget -= 1
                     await self._handle_timer(receive, expected, timer.message)
                     continue
-            if not mailbox:
+            if not queue:
                 deadline = self._next_deadline()
                 if deadline == math.inf:
                     await mailbox.wait_nonempty()
@@ -512,8 +532,19 @@ class _Cell:
                         await mailbox.wait_nonempty()
                 budget = BATCH_LIMIT
                 continue
-            while mailbox:
-                message, reply = mailbox.pop()
+            while queue:
+                # Mailbox.pop inlined (the hot path); keep the two in step.
+                item = popleft()
+                if mailbox._blocked:
+                    mailbox._space.unpark()
+                if type(item) is _Envelope:
+                    if item.key is not None:
+                        del mailbox._slots[item.key]
+                    message = item.message
+                    reply = item.reply
+                else:
+                    message = item
+                    reply = None
                 if message is FILLER:
                     continue
                 try:

@@ -166,11 +166,13 @@ class Mailbox:
     """
 
     __slots__ = (
+        "_blocked",
         "_cache",
         "_default",
         "_has_per_type",
         "_key_fn",
         "_per_type",
+        "_plain",
         "_queue",
         "_receiver",
         "_slots",
@@ -203,6 +205,9 @@ class Mailbox:
         self._slots: dict[Hashable, _Envelope] = {}
         self._receiver: trio.lowlevel.Task | None = None
         self._space = trio.lowlevel.ParkingLot()
+        self._blocked = 0  # senders parked in _space (an upper bound)
+        # ActorRef.tell_nowait's fast path applies: open, one policy for all.
+        self._plain = not self._has_per_type and self._default is not Overflow.KEEP_LATEST
         self.closed = False
         self.peak = 0
         self.dropped_newest = 0
@@ -264,7 +269,15 @@ class Mailbox:
                 raise MailboxFull(self.path, self._full_detail("refused the message (fail)"))
             else:
                 raise _Full
-        queue.append(message if reply is None else _Envelope(message, reply, None))
+        self._append(message if reply is None else _Envelope(message, reply, None))
+
+    def _append(self, item: Any) -> None:
+        """Queue ``item`` (room was checked), track the peak, wake the loop.
+
+        ``ActorRef.tell_nowait`` inlines this for its fast path.
+        """
+        queue = self._queue
+        queue.append(item)
         depth = len(queue)
         if depth > self.peak:
             self.peak = depth
@@ -294,14 +307,7 @@ class Mailbox:
             return
         envelope = _Envelope(message, reply, key)
         self._slots[key] = envelope
-        queue.append(envelope)
-        depth = len(queue)
-        if depth > self.peak:
-            self.peak = depth
-        receiver = self._receiver
-        if receiver is not None:
-            self._receiver = None
-            trio.lowlevel.reschedule(receiver)
+        self._append(envelope)
 
     def _evict_oldest(self) -> None:
         item = self._queue.popleft()
@@ -323,7 +329,7 @@ class Mailbox:
             self.refused += 1
             raise MailboxFull(self.path, self._full_detail("tell_nowait cannot wait (block)")) from None
 
-    async def put(self, message: Any, reply: _Reply | None = None, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def put(self, message: Any, reply: _Reply | None = None, *, timeout: float | None = None, schedule: bool = True) -> None:  # noqa: ASYNC109
         """Queue ``message``, waiting for room under the ``block`` policy.
 
         Args:
@@ -344,12 +350,17 @@ class Mailbox:
         except _Full:
             pass
         else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if schedule:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return
         limit = self.block_timeout if timeout is None else timeout
         with trio.move_on_after(math.inf if limit is None else limit):
             while True:
-                await self._space.park()
+                self._blocked += 1
+                try:
+                    await self._space.park()
+                finally:
+                    self._blocked -= 1
                 try:
                     self.put_nowait(message, reply)
                 except _Full:
@@ -361,9 +372,12 @@ class Mailbox:
     # -- taking messages out (the owning actor's loop only) --------------------
 
     def pop(self) -> tuple[Any, _Reply | None]:
-        """Take the oldest message; the queue must not be empty."""
+        """Take the oldest message; the queue must not be empty.
+
+        ``_Cell._loop`` inlines this for its hot path; keep the two in step.
+        """
         item = self._queue.popleft()
-        if self._space:
+        if self._blocked:
             self._space.unpark()
         if type(item) is _Envelope:
             if item.key is not None:
@@ -391,6 +405,7 @@ class Mailbox:
     def close(self) -> None:
         """Refuse further messages; fail queued asks with ActorStopped."""
         self.closed = True
+        self._plain = False
         while self._queue:
             item = self._queue.popleft()
             self.dropped_on_stop += 1
