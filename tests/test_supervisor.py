@@ -959,3 +959,35 @@ def test_specs_validate_their_arguments() -> None:
         Backoff(jitter=2)
     assert SupervisorSpec(id="s").shutdown == math.inf
     assert Backoff(initial=1, factor=2, maximum=5, jitter=0).delay(4, random.Random()) == 5
+
+
+class Echo(Actor):
+    async def receive(self, message: object) -> object:
+        return message
+
+
+class StartsASiblingInOnStart(Actor):
+    def __init__(self, supervisor: Supervisor, outcome: list[BaseException]) -> None:
+        self.supervisor = supervisor
+        self.outcome = outcome
+
+    async def on_start(self) -> None:
+        try:
+            await self.supervisor.start_child(ChildSpec(id="sibling", factory=Echo))
+        except RuntimeError as exc:
+            self.outcome.append(exc)
+
+    async def receive(self, message: object) -> object:
+        return message
+
+
+async def test_start_child_from_on_start_is_refused_instead_of_deadlocking(autojump_clock: trio.testing.MockClock) -> None:
+    outcome: list[BaseException] = []
+    async with open_supervisor(name="top") as sup:
+        ref = await sup.start_child(ChildSpec(id="eager", factory=lambda: StartsASiblingInOnStart(sup, outcome)))
+        assert await ref.ask("still works") == "still works"
+        assert len(outcome) == 1
+        assert "would deadlock" in str(outcome[0])
+        assert [info.id for info in sup.which_children()] == ["eager"]
+        # After on_start, starting children from the actor is fine.
+        assert isinstance(await sup.start_child(ChildSpec(id="later", factory=Echo)), ActorRef)

@@ -359,6 +359,7 @@ class Supervisor:
         self._body_running = False
         self._started_once = False
         self._tokens = 0
+        self._starting_task: trio.lowlevel.Task | None = None
         self._control_scope = trio.CancelScope(shield=True)
 
     def __repr__(self) -> str:
@@ -456,6 +457,11 @@ class Supervisor:
     # -- running ------------------------------------------------------------------
 
     async def _command(self, command: _Start | _Terminate | _StopAll) -> Any:
+        if self._starting_task is not None and trio.lowlevel.current_task() is self._starting_task:
+            raise RuntimeError(
+                f"a child of {self.path} called start_child or terminate_child on {self.path} from its on_start; "
+                "the supervisor waits for on_start to finish, so this would deadlock (do it after on_start, e.g. in receive)"
+            )
         if self._state != "running" or self._inbox_send is None:
             raise ActorStopped(self.path, f"supervisor {self.path} is not running")
         self._inbox_send.send_nowait(command)
@@ -680,6 +686,7 @@ class Supervisor:
         def mark_started(value: None = None) -> None:
             nonlocal started
             started = True
+            self._starting_task = None
             child.running = True
             # From now on only the supervisor stops the child (gracefully,
             # then by cancelling ``scope``), even when an outer scope is
@@ -691,6 +698,9 @@ class Supervisor:
         error: Exception | None = None
         scope = trio.CancelScope()
         child.scope = scope
+        # The control loop waits for this child's on_start; a command sent to
+        # this supervisor from that on_start could never be handled.
+        self._starting_task = trio.lowlevel.current_task()
         try:
             with scope:
                 if child.cell is not None:
@@ -704,6 +714,8 @@ class Supervisor:
                 raise
             error = exc
         finally:
+            if not started:
+                self._starting_task = None
             child.running = False
             child.done.set()
         if not started:
