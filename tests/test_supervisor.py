@@ -991,3 +991,50 @@ async def test_start_child_from_on_start_is_refused_instead_of_deadlocking(autoj
         assert [info.id for info in sup.which_children()] == ["eager"]
         # After on_start, starting children from the actor is fine.
         assert isinstance(await sup.start_child(ChildSpec(id="later", factory=Echo)), ActorRef)
+
+
+class CrashOnBoom(Actor):
+    async def receive(self, message: object) -> object:
+        if message == "boom":
+            raise Boom("boom")
+        return message
+
+
+async def test_a_child_with_its_own_limit_is_removed_alone(autojump_clock: trio.testing.MockClock) -> None:
+    # Many independent children (rooms): one crash-looping child must not
+    # take its siblings or the supervisor down, and does not use up the
+    # supervisor's intensity.
+    async with open_supervisor(name="rooms", max_restarts=1, max_seconds=5) as sup:
+        own = {"max_restarts": 2, "max_seconds": 5.0}
+        looping = await sup.start_child(ChildSpec(id="looping", factory=CrashOnBoom, restart="transient", **own))
+        steady = await sup.start_child(ChildSpec(id="steady", factory=CrashOnBoom, restart="transient", **own))
+        for _ in range(2):
+            with pytest.raises(ActorCrashed):
+                await looping.ask("boom")
+            await trio.testing.wait_all_tasks_blocked()
+        assert looping.statistics().restarts == 2
+        with pytest.raises(ActorCrashed):
+            await looping.ask("boom")  # the third within 5 s: removed, not restarted
+        await trio.testing.wait_all_tasks_blocked()
+        assert sup.child("looping") is None
+        assert not looping.alive
+        with pytest.raises(ActorStopped):
+            await looping.ask("hello")
+        # The sibling and the supervisor are unaffected, and the supervisor's
+        # own intensity (1 restart in 5 s) was never touched.
+        with pytest.raises(ActorCrashed):
+            await steady.ask("boom")
+        assert await steady.ask("hello") == "hello"
+        stats = sup.statistics()
+        assert (stats.children_given_up, stats.gave_up, stats.recent_restarts) == (1, 0, 0)
+
+
+async def test_a_child_limit_window_slides(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_supervisor(name="rooms") as sup:
+        ref = await sup.start_child(ChildSpec(id="r", factory=CrashOnBoom, max_restarts=1, max_seconds=5.0))
+        for _ in range(4):  # one crash every 6 s never exceeds 1 in 5 s
+            with pytest.raises(ActorCrashed):
+                await ref.ask("boom")
+            await trio.sleep(6)
+        assert await ref.ask("still here") == "still here"
+        assert ref.statistics().restarts == 4

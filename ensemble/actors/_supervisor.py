@@ -123,6 +123,14 @@ class ChildSpec:
         mailbox: Overrides the actor class's ``mailbox`` configuration.
         shutdown: Grace period in seconds for ``on_stop`` when the child is
             stopped; after it the child is cancelled.
+        max_restarts: A restart limit of the child's own (Akka's one-for-one
+            semantics): more than this many restarts within ``max_seconds``
+            and the child is removed instead of restarted, while its
+            siblings and its supervisor carry on. Its exits then do not count
+            toward the supervisor's intensity. ``None`` (the default): the
+            supervisor's intensity applies, as in OTP. Meant for many
+            independent children, such as one actor per chat room.
+        max_seconds: The window of ``max_restarts``.
     """
 
     id: str = attrs.field(validator=_valid_id)
@@ -130,6 +138,8 @@ class ChildSpec:
     restart: Restart = attrs.field(default=Restart.PERMANENT, converter=_to_restart)
     mailbox: MailboxConfig | None = None
     shutdown: float = attrs.field(default=DEFAULT_SHUTDOWN, validator=_non_negative)
+    max_restarts: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
+    max_seconds: float = attrs.field(default=5.0, validator=_non_negative)
 
 
 @attrs.frozen(kw_only=True)
@@ -207,6 +217,8 @@ class SupervisorStatistics:
         max_restarts: The intensity limit.
         max_seconds: The intensity window.
         gave_up: Times it gave up (a nested supervisor can be restarted).
+        children_given_up: Children removed for exceeding their own
+            ``ChildSpec.max_restarts``.
     """
 
     path: str
@@ -219,6 +231,7 @@ class SupervisorStatistics:
     max_restarts: int
     max_seconds: float
     gave_up: int
+    children_given_up: int = 0
 
 
 @attrs.frozen
@@ -294,6 +307,7 @@ class _Child:
     scope: trio.CancelScope | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
     pending_restart: int = 0  # token of a scheduled restart, 0 if none
+    restart_times: deque[float] = attrs.field(factory=deque)  # for a ChildSpec.max_restarts
 
     @property
     def id(self) -> str:
@@ -350,6 +364,7 @@ class Supervisor:
         self._restart_times: deque[float] = deque()
         self._restarts = 0
         self._gave_up_count = 0
+        self._children_given_up = 0
         self._state = "stopped"
         self._closed = False
         self._nursery: trio.Nursery | None = None
@@ -440,6 +455,7 @@ class Supervisor:
             max_restarts=self.max_restarts,
             max_seconds=self.max_seconds,
             gave_up=self._gave_up_count,
+            children_given_up=self._children_given_up,
         )
 
     def snapshot(self) -> TreeNode:
@@ -741,11 +757,31 @@ class Supervisor:
             self._remove(child)
             return
         now = trio.current_time()
-        self._restart_times.append(now)
-        self._prune_restart_times(now)
-        if len(self._restart_times) > self.max_restarts:
-            await self._give_up(child, event.error)
-            return
+        own_limit = child.spec.max_restarts if isinstance(child.spec, ChildSpec) else None
+        if own_limit is not None:
+            window = child.restart_times
+            window.append(now)
+            while window and window[0] < now - child.spec.max_seconds:
+                window.popleft()
+            if len(window) > own_limit:
+                logger.error(
+                    "%s: removing %s: more than %d restarts of its own within %s s (last: %r)",
+                    self.path,
+                    child.id,
+                    own_limit,
+                    child.spec.max_seconds,
+                    event.error,
+                )
+                self._children_given_up += 1
+                self._remove(child)
+                return
+        else:
+            window = self._restart_times
+            window.append(now)
+            self._prune_restart_times(now)
+            if len(window) > self.max_restarts:
+                await self._give_up(child, event.error)
+                return
         group = self._restart_group(child)
         for other in reversed(group):
             if other is not child:
@@ -756,7 +792,7 @@ class Supervisor:
                 self._remove(member)
             else:
                 survivors.append(member)
-        delay = self.backoff.delay(len(self._restart_times), self._rng) if self.backoff is not None else 0.0
+        delay = self.backoff.delay(len(window), self._rng) if self.backoff is not None else 0.0
         logger.warning(
             "%s: restarting %s after %s of %s%s",
             self.path,
