@@ -62,9 +62,9 @@ class Event:
             such as typing and presence, which are never stored).
         epoch: The topic's epoch (changes when its history is lost).
         audience: Who may see it; ``None`` for everyone subscribed.
-        coalesce_key: Events with the same non-``None`` key replace each other
-            in a connection's queue (typing, presence): only the latest is
-            delivered.
+        coalesce_key: Events of the same topic with the same non-``None``
+            key replace each other in a connection's queue (typing,
+            presence): only the latest is delivered.
     """
 
     type: str

@@ -1,0 +1,839 @@
+"""Connections: one supervised actor per client, and the manager of them all.
+
+The :class:`ConnectionManager` is the seed's ``ConnectionManager`` (as
+``hub.connections``) plus the seed's room-based manager (connections in many
+rooms, broadcast to a room or to all, dead-connection cleanup, room stats).
+
+Each connection is an actor (a ``temporary`` child of the supervisor given to
+the manager) that owns the connection's :class:`Outbox` and is the only task
+writing to its transport. The fan-out path never waits: it calls
+:meth:`Outbox.deliver_nowait`, and when the outbox goes from empty to
+non-empty, the connection tells itself :class:`Flush` (coalesced by a
+``keep_latest`` mailbox policy). Handling ``Flush`` drains the outbox and
+awaits ``transport.send`` for each event's ``encoded`` bytes (or one frame per
+batch, a JSON array, with ``batch_frames=True``).
+
+A connection is closed, and removed, exactly once whatever the cause, and
+``on_disconnect`` runs exactly once for it:
+
+========================== ============================== ============================
+Cause                      Close code                     Reason
+========================== ============================== ============================
+``disconnect()``           given (default 1000)           given (``"disconnected"``)
+``disconnect_all()``       :data:`CLOSE_GOING_AWAY` 1001  ``"server shutting down"``
+supervisor shutdown        :data:`CLOSE_GOING_AWAY` 1001  ``"server shutting down"``
+slow consumer (overflow)   :data:`SLOW_CONSUMER` 4008     JSON, see below
+``transport.send`` raised  :data:`CLOSE_INTERNAL_ERROR`   ``"send failed: ..."``
+actor crash                :data:`CLOSE_INTERNAL_ERROR`   ``"internal error"``
+========================== ============================== ============================
+
+The slow-consumer reason is compact JSON:
+``{"error":"slow_consumer","positions":{"<topic>":["<epoch>",<seq>]}}``,
+where the positions are those of the last event of each topic that was fully
+*written* to the transport (not merely queued), so resuming from them never
+skips an event. (A WebSocket close reason holds at most 123 bytes; a transport
+adapter should send a long reason as a final frame instead of truncating it.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import types
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import suppress
+from functools import partial
+from typing import Any, Final, Protocol
+
+import attrs
+import trio
+
+from ..actors import Actor, ActorError, ActorRef, ActorStopped, ChildSpec, MailboxConfig, Supervisor
+from ._errors import NotFound, TooManyConnections
+from ._events import Event, Subscriber
+from ._models import ConnectionInfo
+from ._outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_EVENTS, Outbox, OutboxStatistics, Positions
+
+logger = logging.getLogger("ensemble.realtime")
+
+CLOSE_NORMAL: Final = 1000
+"""Close code of :meth:`ConnectionManager.disconnect` (by default)."""
+CLOSE_GOING_AWAY: Final = 1001
+"""Close code when the server shuts down."""
+CLOSE_INTERNAL_ERROR: Final = 1011
+"""Close code after a crash of the connection actor or a failed send."""
+SLOW_CONSUMER: Final = 4008
+"""Close code when the connection's outbox overflowed (a slow client)."""
+
+DATA: Final = "data"
+"""The event type of :meth:`ConnectionManager.send_to_connection` and friends."""
+
+Hook = Callable[[ConnectionInfo], Awaitable[None]]
+UserHook = Callable[[str], Awaitable[None]]
+
+
+class Transport(Protocol):
+    """What a connection writes to (a WebSocket, or :class:`MemoryTransport`)."""
+
+    async def send(self, data: bytes) -> None:
+        """Write one frame."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the connection with a close code and reason."""
+        ...
+
+
+class TransportClosed(Exception):
+    """Raised by :meth:`MemoryTransport.send` once the transport is closed."""
+
+
+class MemoryTransport:
+    """An in-memory transport for embedded use and tests.
+
+    Records every frame written (:attr:`sent`), and how it was closed. It can
+    be told to block (a client that stopped reading), to slow down, or to
+    fail (a broken socket).
+
+    Attributes:
+        sent: The frames written, in order.
+        close_code: The close code, or ``None`` while open.
+        close_reason: The close reason, or ``None`` while open.
+        closes: How many times :meth:`close` was called.
+    """
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.closes = 0
+        self._closed = False
+        self._gate: trio.Event | None = None
+        self._delay = 0.0
+        self._error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"<MemoryTransport sent={len(self.sent)} closed={self.closed}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def frames(self) -> list[Any]:
+        """The frames written, each decoded from JSON."""
+        return [json.loads(frame) for frame in self.sent]
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The events written, decoded (batched frames are flattened)."""
+        events: list[dict[str, Any]] = []
+        for frame in self.frames:
+            if isinstance(frame, list):
+                events.extend(frame)
+            else:
+                events.append(frame)
+        return events
+
+    def block(self) -> None:
+        """Make :meth:`send` wait (until :meth:`unblock` or :meth:`close`)."""
+        if self._gate is None:
+            self._gate = trio.Event()
+
+    def unblock(self) -> None:
+        """Let blocked and future sends through."""
+        if self._gate is not None:
+            self._gate.set()
+            self._gate = None
+
+    def slow_down(self, seconds: float) -> None:
+        """Make every send take ``seconds`` (0 for full speed)."""
+        self._delay = seconds
+
+    def fail(self, error: BaseException | None = None) -> None:
+        """Make every further send raise ``error`` (a broken socket).
+
+        Args:
+            error: What to raise; defaults to :class:`trio.BrokenResourceError`.
+        """
+        self._error = error if error is not None else trio.BrokenResourceError("connection reset by peer")
+
+    async def send(self, data: bytes) -> None:
+        """Record one frame (after any block or delay).
+
+        Raises:
+            TransportClosed: The transport is closed (also raised in a send
+                blocked when it is closed).
+            BaseException: The error given to :meth:`fail`.
+        """
+        if self._delay:
+            await trio.sleep(self._delay)
+        else:
+            await trio.lowlevel.checkpoint()
+        while self._gate is not None and not self._closed:
+            await self._gate.wait()
+        if self.closed:
+            raise TransportClosed("the transport is closed")
+        if self._error is not None:
+            raise self._error
+        self.sent.append(data)
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the transport (only the first close code and reason count)."""
+        await trio.lowlevel.checkpoint()
+        self.closes += 1
+        if not self._closed:
+            self.close_code = code
+            self.close_reason = reason
+            self._closed = True
+            if self._gate is not None:
+                self._gate.set()  # a blocked send now raises TransportClosed
+
+
+@attrs.frozen
+class Flush:
+    """Tells a connection actor to drain its outbox (coalesced: keep_latest)."""
+
+
+FLUSH: Final = Flush()
+
+
+@attrs.frozen
+class _Close:
+    code: int
+    reason: str
+
+
+@attrs.frozen(kw_only=True)
+class RoomStats:
+    """Who is in one connection room (see :meth:`ConnectionManager.room_stats`).
+
+    Attributes:
+        connections: Connections in the room.
+        users: Distinct authenticated users among them.
+    """
+
+    connections: int
+    users: int
+
+    def to_dict(self) -> dict[str, int]:
+        """The JSON-ready form."""
+        return {"connections": self.connections, "users": self.users}
+
+
+@attrs.frozen(kw_only=True)
+class ConnectionManagerStatistics:
+    """A snapshot of a :class:`ConnectionManager`'s counters.
+
+    Attributes:
+        connections: Connections open now.
+        users: Users with at least one open connection.
+        rooms: Non-empty connection rooms.
+        connected: Connections opened in total.
+        disconnected: Connections closed in total (any cause).
+        slow_consumers: Connections closed because their outbox overflowed.
+        transport_errors: Connections closed because a send failed.
+        crashes: Connections closed because their actor crashed.
+        hook_errors: Exceptions raised by hooks and callbacks (logged).
+    """
+
+    connections: int
+    users: int
+    rooms: int
+    connected: int
+    disconnected: int
+    slow_consumers: int
+    transport_errors: int
+    crashes: int
+    hook_errors: int
+
+
+@attrs.define(eq=False)
+class _Connection:
+    """The manager's record of one connection (an identity object)."""
+
+    connection_id: str
+    user_id: str | None
+    connected_at: float
+    metadata: Mapping[str, object]
+    transport: Transport
+    outbox: Outbox
+    rooms: set[str] = attrs.field(factory=set)
+    ref: ActorRef | None = None
+    registered: bool = True
+    finishing: bool = False
+    done: trio.Event = attrs.field(factory=trio.Event)
+    send_scope: trio.CancelScope | None = None
+    overflow_positions: Positions | None = None
+    sent_positions: Positions = attrs.field(factory=dict)
+
+    def info(self) -> ConnectionInfo:
+        return ConnectionInfo(
+            connection_id=self.connection_id,
+            user_id=self.user_id,
+            connected_at=self.connected_at,
+            rooms=frozenset(self.rooms),
+            metadata=self.metadata,
+        )
+
+    def flush_soon(self) -> None:
+        """The outbox's ``on_ready``: tell the actor to drain it."""
+        ref = self.ref
+        if ref is not None:
+            with suppress(ActorError):
+                ref.tell_nowait(FLUSH)
+
+    def overflowed(self, positions: Positions) -> None:
+        """The outbox's ``on_overflow``: stop the write in progress, if any."""
+        self.overflow_positions = positions
+        if self.send_scope is not None:
+            self.send_scope.cancel()
+        else:
+            self.flush_soon()
+
+
+class _ConnectionActor(Actor):
+    """Writes one connection's outbox to its transport."""
+
+    mailbox = MailboxConfig(size=16, overflow="fail", per_type={Flush: "keep_latest"})
+
+    def __init__(self, manager: ConnectionManager, connection: _Connection) -> None:
+        self._manager = manager
+        self._conn = connection
+
+    async def on_start(self) -> None:
+        self._conn.ref = self.ref
+        if self._conn.outbox:
+            self.ref.tell_nowait(FLUSH)
+
+    async def receive(self, message: Any) -> Any:
+        if isinstance(message, Flush):
+            await self._flush()
+        elif isinstance(message, _Close):
+            self._conn.outbox.close()  # refuse new events; write the queued ones
+            await self._flush()
+            await self._manager._finish(self._conn, message.code, message.reason)
+            self.stop()
+        else:
+            raise TypeError(f"unexpected message for connection {self._conn.connection_id}: {message!r}")
+
+    async def on_stop(self) -> None:
+        # A normal stop after a close (no-op), a supervisor shutdown, or a
+        # crash: in every case the connection is finished exactly once.
+        conn = self._conn
+        if conn.finishing:
+            await self._manager._finish(conn, CLOSE_GOING_AWAY, "")
+            return
+        crash = self._crashed()
+        if crash:
+            self._manager._crashes += 1
+            await self._manager._finish(conn, CLOSE_INTERNAL_ERROR, "internal error")
+        else:
+            await self._manager._finish(conn, CLOSE_GOING_AWAY, "server shutting down")
+
+    def _crashed(self) -> bool:
+        stats = self.ref.statistics()
+        return stats.state == "restarting"
+
+    async def _flush(self) -> None:
+        conn = self._conn
+        outbox = conn.outbox
+        manager = self._manager
+        transport = conn.transport
+        positions = conn.sent_positions
+        while not conn.finishing:
+            if outbox.overflowed:
+                await self._slow_consumer()
+                return
+            batch = outbox.get_batch_nowait(manager.max_batch)
+            if not batch:
+                return
+            with trio.CancelScope() as scope:
+                conn.send_scope = scope
+                try:
+                    if manager.batch_frames and len(batch) > 1:
+                        await transport.send(b"[" + b",".join(event.encoded for event in batch) + b"]")
+                        for event in batch:
+                            if event.seq is not None:
+                                positions[event.topic] = (event.epoch or "", event.seq)
+                    else:
+                        for event in batch:
+                            await transport.send(event.encoded)
+                            if event.seq is not None:
+                                positions[event.topic] = (event.epoch or "", event.seq)
+                except Exception as exc:
+                    conn.send_scope = None
+                    if conn.finishing:
+                        return  # closed under us: the send failing is expected
+                    manager._transport_errors += 1
+                    logger.info("send to connection %s failed: %r; closing it", conn.connection_id, exc)
+                    await manager._finish(conn, CLOSE_INTERNAL_ERROR, f"send failed: {type(exc).__name__}")
+                    self.stop()
+                    return
+                finally:
+                    conn.send_scope = None
+            if scope.cancelled_caught and not outbox.overflowed:
+                return  # finished by someone else
+
+    async def _slow_consumer(self) -> None:
+        conn = self._conn
+        manager = self._manager
+        manager._slow_consumers += 1
+        reason = json.dumps(
+            {"error": "slow_consumer", "positions": {topic: list(pos) for topic, pos in conn.sent_positions.items()}},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        logger.warning(
+            "connection %s is a slow consumer (outbox overflowed; queued up to %s); closing it with %d",
+            conn.connection_id,
+            conn.overflow_positions,
+            SLOW_CONSUMER,
+        )
+        await manager._finish(conn, SLOW_CONSUMER, reason)
+        self.stop()
+
+
+class ConnectionManager:
+    """Tracks live connections, their users and rooms, and sends to them.
+
+    Every connection is a ``temporary`` actor under ``supervisor``, which the
+    hub creates with :func:`ensemble.actors.open_supervisor`.
+
+    Args:
+        supervisor: Where connection actors run.
+        max_connections: Most connections at once (:class:`TooManyConnections`).
+        max_connections_per_user: Most connections of one user at once
+            (:class:`TooManyConnections`); ``None`` for no limit.
+        max_metadata_keys: Most keys in ``connect``'s ``metadata``
+            (``ValueError``).
+        outbox_max_events: Each connection's outbox bound in events.
+        outbox_max_bytes: Each connection's outbox bound in encoded bytes.
+        batch_frames: Write each drained batch of several events as one
+            frame (a JSON array) instead of one frame per event.
+        max_batch: Most events taken from an outbox per batch.
+        close_timeout: Seconds a graceful close may take (draining the outbox,
+            ``transport.close``) before the connection is closed by force.
+        on_user_online: Awaited when a user's first connection opens.
+        on_user_offline: Awaited when a user's last connection closes.
+        clock: Gives ``connected_at`` (Unix time).
+
+    Attributes:
+        on_connect: Awaited with the new connection's :class:`ConnectionInfo`
+            after it opened (errors are logged).
+        on_disconnect: Awaited with the :class:`ConnectionInfo` of a closed
+            connection, exactly once per connection whatever the cause
+            (errors are logged).
+    """
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        *,
+        max_connections: int = 10000,
+        max_connections_per_user: int | None = None,
+        max_metadata_keys: int = 32,
+        outbox_max_events: int = DEFAULT_MAX_EVENTS,
+        outbox_max_bytes: int = DEFAULT_MAX_BYTES,
+        batch_frames: bool = False,
+        max_batch: int = 256,
+        close_timeout: float = 5.0,
+        on_user_online: UserHook | None = None,
+        on_user_offline: UserHook | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_connections < 0 or max_metadata_keys < 0:
+            raise ValueError("max_connections and max_metadata_keys must be >= 0")
+        if max_connections_per_user is not None and max_connections_per_user < 1:
+            raise ValueError(f"max_connections_per_user must be at least 1 or None, got {max_connections_per_user}")
+        if not close_timeout >= 0:
+            raise ValueError(f"close_timeout must be >= 0, got {close_timeout}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if outbox_max_events < 1 or outbox_max_bytes < 1:
+            raise ValueError("outbox_max_events and outbox_max_bytes must be at least 1")
+        self.supervisor = supervisor
+        self.max_connections = max_connections
+        self.max_connections_per_user = max_connections_per_user
+        self.max_metadata_keys = max_metadata_keys
+        self.outbox_max_events = outbox_max_events
+        self.outbox_max_bytes = outbox_max_bytes
+        self.batch_frames = batch_frames
+        self.max_batch = max_batch
+        self.close_timeout = close_timeout
+        self.on_user_online = on_user_online
+        self.on_user_offline = on_user_offline
+        self.on_connect: Hook | None = None
+        self.on_disconnect: Hook | None = None
+        self._clock = clock
+        self._connections: dict[str, _Connection] = {}
+        self._by_user: dict[str, dict[str, _Connection]] = {}
+        self._rooms: dict[str, dict[str, _Connection]] = {}
+        self._online: set[str] = set()
+        self._connected = 0
+        self._disconnected = 0
+        self._slow_consumers = 0
+        self._transport_errors = 0
+        self._crashes = 0
+        self._hook_errors = 0
+
+    def __repr__(self) -> str:
+        return f"<ConnectionManager {len(self._connections)} connections under {self.supervisor.path}>"
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def connect(
+        self,
+        transport: Transport,
+        user_id: str | None = None,
+        metadata: Mapping[str, object] | None = None,
+    ) -> ConnectionInfo:
+        """Register a connection and start its actor.
+
+        Args:
+            transport: Where the connection's events are written.
+            user_id: The authenticated user, or ``None`` when anonymous.
+            metadata: Custom metadata (copied).
+
+        Returns:
+            A snapshot of the new connection.
+
+        Raises:
+            TooManyConnections: ``max_connections`` or
+                ``max_connections_per_user`` is reached (a
+                ``ConnectionError``).
+            ValueError: ``metadata`` has more than ``max_metadata_keys`` keys.
+        """
+        metadata = dict(metadata or {})
+        if len(metadata) > self.max_metadata_keys:
+            raise ValueError(f"metadata has {len(metadata)} keys; at most {self.max_metadata_keys} are allowed")
+        if len(self._connections) >= self.max_connections:
+            raise TooManyConnections(f"{self.max_connections} connections are open already (max_connections)")
+        if user_id is not None and self.max_connections_per_user is not None:
+            open_now = len(self._by_user.get(user_id, ()))
+            if open_now >= self.max_connections_per_user:
+                raise TooManyConnections(f"user {user_id!r} has {open_now} connections open already (max_connections_per_user)")
+        connection_id = uuid.uuid4().hex
+        conn = _Connection(
+            connection_id=connection_id,
+            user_id=user_id,
+            connected_at=self._clock(),
+            metadata=types.MappingProxyType(metadata),
+            transport=transport,
+            outbox=Outbox(
+                max_events=self.outbox_max_events,
+                max_bytes=self.outbox_max_bytes,
+                connection_id=connection_id,
+                user_id=user_id,
+            ),
+        )
+        conn.outbox.on_ready = conn.flush_soon
+        conn.outbox.on_overflow = conn.overflowed
+        # Registered before the actor starts, so concurrent connects count it.
+        self._connections[connection_id] = conn
+        if user_id is not None:
+            self._by_user.setdefault(user_id, {})[connection_id] = conn
+        try:
+            await self.supervisor.start_child(
+                ChildSpec(
+                    id=connection_id,
+                    factory=partial(_ConnectionActor, self, conn),
+                    restart="temporary",
+                    shutdown=self.close_timeout,
+                )
+            )
+        except BaseException:
+            self._unregister(conn)
+            conn.outbox.close()
+            conn.done.set()
+            raise
+        self._connected += 1
+        if user_id is not None and user_id not in self._online and conn.registered:
+            self._online.add(user_id)
+            await self._call(self.on_user_online, user_id, "on_user_online")
+        await self._call(self.on_connect, conn.info(), "on_connect")
+        return conn.info()
+
+    async def disconnect(self, connection_id: str, *, code: int = CLOSE_NORMAL, reason: str = "disconnected") -> bool:
+        """Close a connection: drain its outbox, close its transport, remove it.
+
+        The connection disappears from every query at once; this returns once
+        it is closed and ``on_disconnect`` has run. Events queued before the
+        call are written first, for up to ``close_timeout`` seconds (a stuck
+        client is then closed by force).
+
+        Args:
+            connection_id: The connection.
+            code: The close code sent to the client.
+            reason: The close reason sent to the client.
+
+        Returns:
+            Whether the connection was found (``False`` if unknown or already
+            closing).
+        """
+        conn = self._connections.get(connection_id)
+        if conn is None or not conn.registered:
+            await trio.lowlevel.checkpoint()
+            return False
+        self._unregister(conn)
+        conn.outbox.close()
+        await self._close(conn, code, reason)
+        return True
+
+    async def disconnect_all(self, *, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down") -> int:
+        """Close every connection, concurrently (for a graceful shutdown).
+
+        Returns:
+            How many connections were closed.
+        """
+        conns = list(self._connections.values())
+        for conn in conns:
+            self._unregister(conn)
+            conn.outbox.close()
+        async with trio.open_nursery() as nursery:
+            for conn in conns:
+                nursery.start_soon(self._close, conn, code, reason)
+        return len(conns)
+
+    async def _close(self, conn: _Connection, code: int, reason: str) -> None:
+        ref = conn.ref
+        if ref is not None and not conn.finishing:
+            with suppress(ActorError):
+                await ref.ask(_Close(code, reason), timeout=self.close_timeout)
+        await self._finish(conn, code, reason)
+        with suppress(KeyError, ActorStopped):
+            await self.supervisor.terminate_child(conn.connection_id)
+
+    def _unregister(self, conn: _Connection) -> None:
+        """Remove ``conn`` from every index (idempotent, synchronous)."""
+        if not conn.registered:
+            return
+        conn.registered = False
+        cid = conn.connection_id
+        self._connections.pop(cid, None)
+        if conn.user_id is not None:
+            devices = self._by_user.get(conn.user_id)
+            if devices is not None:
+                devices.pop(cid, None)
+                if not devices:
+                    del self._by_user[conn.user_id]
+        for room_id in conn.rooms:
+            members = self._rooms.get(room_id)
+            if members is not None:
+                members.pop(cid, None)
+                if not members:
+                    del self._rooms[room_id]
+
+    async def _finish(self, conn: _Connection, code: int, reason: str) -> None:
+        """Close ``conn`` for good, exactly once: transport, indexes, hooks.
+
+        Called by the connection's actor (slow consumer, failed send, close
+        request, ``on_stop`` after a crash or shutdown) or by the manager
+        (forced close). A second caller waits for the first to finish.
+        """
+        if conn.finishing:
+            await conn.done.wait()
+            return
+        conn.finishing = True
+        try:
+            conn.outbox.close()
+            if conn.send_scope is not None:
+                conn.send_scope.cancel()
+            self._unregister(conn)
+            self._disconnected += 1
+            with trio.move_on_after(self.close_timeout):
+                try:
+                    await conn.transport.close(code, reason)
+                except Exception as exc:
+                    logger.info("closing the transport of %s raised %r", conn.connection_id, exc)
+            user_id = conn.user_id
+            if user_id is not None and user_id in self._online and user_id not in self._by_user:
+                self._online.discard(user_id)
+                await self._call(self.on_user_offline, user_id, "on_user_offline")
+            await self._call(self.on_disconnect, conn.info(), "on_disconnect")
+        finally:
+            conn.done.set()
+
+    async def _call(self, hook: Callable[[Any], Awaitable[None]] | None, arg: Any, name: str) -> None:
+        if hook is None:
+            return
+        try:
+            await hook(arg)
+        except Exception:
+            self._hook_errors += 1
+            logger.exception("%s hook raised for %r; ignored", name, arg)
+
+    # -- queries ---------------------------------------------------------------
+
+    def get_connection(self, connection_id: str) -> ConnectionInfo | None:
+        """A snapshot of the connection, or ``None`` if it is not open."""
+        conn = self._connections.get(connection_id)
+        return None if conn is None else conn.info()
+
+    def get_user_connections(self, user_id: str) -> list[ConnectionInfo]:
+        """Snapshots of the user's open connections (every device)."""
+        return [conn.info() for conn in self._by_user.get(user_id, {}).values()]
+
+    def get_all_connections(self) -> list[ConnectionInfo]:
+        """Snapshots of every open connection."""
+        return [conn.info() for conn in self._connections.values()]
+
+    @property
+    def connection_count(self) -> int:
+        """How many connections are open."""
+        return len(self._connections)
+
+    def is_online(self, user_id: str) -> bool:
+        """Whether the user has at least one open connection."""
+        return user_id in self._by_user
+
+    def online_users(self) -> set[str]:
+        """The users with at least one open connection."""
+        return set(self._by_user)
+
+    def get_subscriber(self, connection_id: str) -> Subscriber | None:
+        """The connection's outbox, to subscribe it to rooms and topics."""
+        conn = self._connections.get(connection_id)
+        return None if conn is None else conn.outbox
+
+    def connection_ref(self, connection_id: str) -> ActorRef | None:
+        """The connection actor's ref (for inspection and fault injection)."""
+        conn = self._connections.get(connection_id)
+        return None if conn is None else conn.ref
+
+    def outbox_statistics(self, connection_id: str) -> OutboxStatistics | None:
+        """The statistics of the connection's outbox, or ``None``."""
+        conn = self._connections.get(connection_id)
+        return None if conn is None else conn.outbox.statistics()
+
+    def statistics(self) -> ConnectionManagerStatistics:
+        """A frozen snapshot of the manager's counters."""
+        return ConnectionManagerStatistics(
+            connections=len(self._connections),
+            users=len(self._by_user),
+            rooms=len(self._rooms),
+            connected=self._connected,
+            disconnected=self._disconnected,
+            slow_consumers=self._slow_consumers,
+            transport_errors=self._transport_errors,
+            crashes=self._crashes,
+            hook_errors=self._hook_errors,
+        )
+
+    # -- rooms -------------------------------------------------------------------
+
+    def add_room(self, connection_id: str, room_id: str) -> None:
+        """Put the connection in a room (idempotent).
+
+        Raises:
+            NotFound: The connection is not open.
+        """
+        conn = self._connections.get(connection_id)
+        if conn is None:
+            raise NotFound(f"no open connection {connection_id!r}")
+        conn.rooms.add(room_id)
+        self._rooms.setdefault(room_id, {})[connection_id] = conn
+
+    def remove_room(self, connection_id: str, room_id: str) -> bool:
+        """Take the connection out of a room.
+
+        Returns:
+            Whether it was in the room (``False`` also for an unknown
+            connection: removing is idempotent).
+        """
+        conn = self._connections.get(connection_id)
+        if conn is None or room_id not in conn.rooms:
+            return False
+        conn.rooms.discard(room_id)
+        members = self._rooms[room_id]
+        del members[connection_id]
+        if not members:
+            del self._rooms[room_id]
+        return True
+
+    def get_connection_rooms(self, connection_id: str) -> set[str]:
+        """The rooms the connection is in (a copy; empty if unknown)."""
+        conn = self._connections.get(connection_id)
+        return set() if conn is None else set(conn.rooms)
+
+    def get_room_connections(self, room_id: str) -> list[ConnectionInfo]:
+        """Snapshots of the connections in a room (empty if none)."""
+        return [conn.info() for conn in self._rooms.get(room_id, {}).values()]
+
+    def room_stats(self) -> dict[str, RoomStats]:
+        """Per non-empty room, how many connections and users are in it."""
+        return {
+            room_id: RoomStats(
+                connections=len(members),
+                users=len({conn.user_id for conn in members.values() if conn.user_id is not None}),
+            )
+            for room_id, members in self._rooms.items()
+        }
+
+    # -- sending -----------------------------------------------------------------
+
+    async def send_to_connection(self, connection_id: str, data: Mapping[str, Any]) -> bool:
+        """Queue ``data`` for one connection (an event of type ``"data"``).
+
+        Returns:
+            Whether the connection is open and accepted it.
+
+        Raises:
+            TypeError: ``data`` is not JSON serialisable.
+        """
+        await trio.lowlevel.checkpoint()
+        conn = self._connections.get(connection_id)
+        if conn is None:
+            return False
+        return conn.outbox.deliver_nowait(_data_event(f"connection:{connection_id}", data))
+
+    async def send_to_user(self, user_id: str, data: Mapping[str, Any]) -> int:
+        """Queue ``data`` for every connection of the user (one encoding).
+
+        Returns:
+            How many connections accepted it.
+
+        Raises:
+            TypeError: ``data`` is not JSON serialisable.
+        """
+        await trio.lowlevel.checkpoint()
+        return _fan_out(_data_event(f"user:{user_id}", data), list(self._by_user.get(user_id, {}).values()))
+
+    async def broadcast(self, data: Mapping[str, Any]) -> int:
+        """Queue ``data`` for every open connection (one encoding).
+
+        Returns:
+            How many connections accepted it.
+
+        Raises:
+            TypeError: ``data`` is not JSON serialisable.
+        """
+        await trio.lowlevel.checkpoint()
+        return _fan_out(_data_event("broadcast", data), list(self._connections.values()))
+
+    async def broadcast_to_room(self, room_id: str, data: Mapping[str, Any]) -> int:
+        """Queue ``data`` for every connection in a room (one encoding).
+
+        Returns:
+            How many connections accepted it.
+
+        Raises:
+            TypeError: ``data`` is not JSON serialisable.
+        """
+        await trio.lowlevel.checkpoint()
+        return _fan_out(_data_event(f"room:{room_id}", data), list(self._rooms.get(room_id, {}).values()))
+
+
+def _data_event(topic: str, data: Mapping[str, Any]) -> Event:
+    event = Event(type=DATA, topic=topic, data=data)
+    _ = event.encoded  # serialise once, here: a TypeError reaches the caller
+    return event
+
+
+def _fan_out(event: Event, conns: list[_Connection]) -> int:
+    # The list is a snapshot: an overflow closes a connection only later, in
+    # its own actor, but stay safe against changes during the loop anyway.
+    return sum(1 for conn in conns if conn.outbox.deliver_nowait(event))

@@ -1,0 +1,500 @@
+"""Tests of the connection actors and the ConnectionManager."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from ensemble.actors import Supervisor, open_supervisor
+from ensemble.realtime._connections import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_NORMAL,
+    SLOW_CONSUMER,
+    ConnectionManager,
+    MemoryTransport,
+    RoomStats,
+)
+from ensemble.realtime._errors import NotFound, TooManyConnections
+from ensemble.realtime._events import Event
+from ensemble.realtime._models import ConnectionInfo
+from ensemble.testing import FaultInjector
+
+
+async def settle() -> None:
+    """Let every connection actor run until it blocks."""
+    await trio.testing.wait_all_tasks_blocked()
+
+
+class Recorder:
+    """Records hook calls."""
+
+    def __init__(self) -> None:
+        self.connected: list[ConnectionInfo] = []
+        self.disconnected: list[ConnectionInfo] = []
+        self.online: list[str] = []
+        self.offline: list[str] = []
+
+    async def on_connect(self, info: ConnectionInfo) -> None:
+        self.connected.append(info)
+
+    async def on_disconnect(self, info: ConnectionInfo) -> None:
+        self.disconnected.append(info)
+
+    async def on_online(self, user_id: str) -> None:
+        self.online.append(user_id)
+
+    async def on_offline(self, user_id: str) -> None:
+        self.offline.append(user_id)
+
+    def disconnect_counts(self) -> Counter[str]:
+        return Counter(info.connection_id for info in self.disconnected)
+
+
+def make_manager(supervisor: Supervisor, recorder: Recorder | None = None, **options: Any) -> ConnectionManager:
+    if recorder is not None:
+        options.setdefault("on_user_online", recorder.on_online)
+        options.setdefault("on_user_offline", recorder.on_offline)
+    manager = ConnectionManager(supervisor, clock=lambda: 1234.5, **options)
+    if recorder is not None:
+        manager.on_connect = recorder.on_connect
+        manager.on_disconnect = recorder.on_disconnect
+    return manager
+
+
+# -- connect, queries, disconnect ---------------------------------------------------
+
+
+async def test_connect_and_queries(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    metadata = {"device": "mobile"}
+    info = await manager.connect(MemoryTransport(), user_id="alice", metadata=metadata)
+    metadata["device"] = "changed"  # copied at connect
+    assert isinstance(info, ConnectionInfo)
+    assert info.user_id == "alice"
+    assert info.connected_at == 1234.5
+    assert dict(info.metadata) == {"device": "mobile"}
+    assert info.rooms == frozenset()
+    other = await manager.connect(MemoryTransport(), user_id="alice")
+    anonymous = await manager.connect(MemoryTransport())
+    assert anonymous.user_id is None
+    assert manager.get_connection(info.connection_id) == info
+    assert manager.get_connection("nope") is None
+    assert {c.connection_id for c in manager.get_user_connections("alice")} == {info.connection_id, other.connection_id}
+    assert manager.get_user_connections("bob") == []
+    assert len(manager.get_all_connections()) == 3
+    assert manager.connection_count == 3
+    assert len({info.connection_id, other.connection_id, anonymous.connection_id}) == 3
+    ref = manager.connection_ref(info.connection_id)
+    assert ref is not None
+    assert ref.path == f"/test/{info.connection_id}"
+    assert manager.get_subscriber(info.connection_id) is not None
+    assert manager.statistics().connections == 3
+
+
+async def test_disconnect(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    manager = make_manager(supervisor, recorder)
+    transport = MemoryTransport()
+    info = await manager.connect(transport, user_id="alice")
+    assert await manager.disconnect(info.connection_id) is True
+    assert transport.close_code == CLOSE_NORMAL
+    assert transport.close_reason == "disconnected"
+    assert manager.get_connection(info.connection_id) is None
+    assert manager.connection_count == 0
+    assert manager.get_user_connections("alice") == []
+    assert await manager.disconnect(info.connection_id) is False
+    assert await manager.disconnect("unknown") is False
+    assert recorder.disconnect_counts() == {info.connection_id: 1}
+    await settle()
+    assert supervisor.child(info.connection_id) is None
+    assert manager.statistics().disconnected == 1
+
+
+async def test_disconnect_with_code_and_reason(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    transport = MemoryTransport()
+    info = await manager.connect(transport)
+    assert await manager.disconnect(info.connection_id, code=4001, reason="kicked")
+    assert (transport.close_code, transport.close_reason, transport.closes) == (4001, "kicked", 1)
+
+
+async def test_disconnect_writes_queued_events_first(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    transport = MemoryTransport()
+    info = await manager.connect(transport)
+    transport.block()
+    await manager.send_to_connection(info.connection_id, {"n": 1})
+    await settle()
+    await manager.send_to_connection(info.connection_id, {"n": 2})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(manager.disconnect, info.connection_id)
+        await settle()
+        transport.unblock()
+    assert [event["data"]["n"] for event in transport.events] == [1, 2]
+    assert transport.close_code == CLOSE_NORMAL
+
+
+async def test_disconnect_of_a_stuck_client_is_forced(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    manager = make_manager(supervisor, recorder, close_timeout=2.0)
+    transport = MemoryTransport()
+    transport.block()
+    info = await manager.connect(transport)
+    await manager.send_to_connection(info.connection_id, {"n": 1})
+    await settle()
+    assert await manager.disconnect(info.connection_id)
+    assert transport.close_code == CLOSE_NORMAL
+    assert transport.sent == []
+    assert recorder.disconnect_counts() == {info.connection_id: 1}
+    await settle()
+    assert supervisor.child(info.connection_id) is None
+
+
+async def test_disconnect_all(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    manager = make_manager(supervisor, recorder)
+    transports = [MemoryTransport() for _ in range(3)]
+    for transport in transports:
+        await manager.connect(transport, user_id="alice")
+    assert await manager.disconnect_all() == 3
+    assert manager.connection_count == 0
+    assert [t.close_code for t in transports] == [CLOSE_GOING_AWAY] * 3
+    assert len(recorder.disconnected) == 3
+    assert recorder.offline == ["alice"]
+
+
+async def test_supervisor_shutdown_closes_connections(autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    transport = MemoryTransport()
+    async with open_supervisor(name="connections") as connections:
+        manager = make_manager(connections, recorder)
+        await manager.connect(transport, user_id="alice")
+    assert transport.close_code == CLOSE_GOING_AWAY
+    assert len(recorder.disconnected) == 1
+    assert recorder.offline == ["alice"]
+    assert manager.connection_count == 0
+
+
+# -- limits -------------------------------------------------------------------------
+
+
+async def test_max_connections(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor, max_connections=2)
+    first = await manager.connect(MemoryTransport())
+    await manager.connect(MemoryTransport())
+    with pytest.raises(TooManyConnections, match="max_connections") as info:
+        await manager.connect(MemoryTransport())
+    assert isinstance(info.value, ConnectionError)
+    assert manager.connection_count == 2
+    await manager.disconnect(first.connection_id)
+    await manager.connect(MemoryTransport())
+
+
+async def test_max_connections_per_user(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor, max_connections_per_user=2)
+    await manager.connect(MemoryTransport(), user_id="alice")
+    await manager.connect(MemoryTransport(), user_id="alice")
+    with pytest.raises(TooManyConnections, match="max_connections_per_user"):
+        await manager.connect(MemoryTransport(), user_id="alice")
+    await manager.connect(MemoryTransport(), user_id="bob")
+    await manager.connect(MemoryTransport())  # anonymous: not limited per user
+    assert manager.connection_count == 4
+
+
+async def test_max_metadata_keys(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor, max_metadata_keys=2)
+    await manager.connect(MemoryTransport(), metadata={"a": 1, "b": 2})
+    with pytest.raises(ValueError, match="at most 2"):
+        await manager.connect(MemoryTransport(), metadata={"a": 1, "b": 2, "c": 3})
+    assert manager.connection_count == 1
+
+
+async def test_constructor_validates(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    with pytest.raises(ValueError, match="max_connections_per_user"):
+        ConnectionManager(supervisor, max_connections_per_user=0)
+    with pytest.raises(ValueError, match="max_batch"):
+        ConnectionManager(supervisor, max_batch=0)
+    with pytest.raises(ValueError, match="close_timeout"):
+        ConnectionManager(supervisor, close_timeout=-1)
+
+
+# -- sending ----------------------------------------------------------------------
+
+
+async def test_send_to_connection(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    transport = MemoryTransport()
+    info = await manager.connect(transport)
+    assert await manager.send_to_connection(info.connection_id, {"type": "welcome"}) is True
+    assert await manager.send_to_connection("unknown", {"type": "welcome"}) is False
+    await settle()
+    assert transport.events == [{"type": "data", "topic": f"connection:{info.connection_id}", "data": {"type": "welcome"}}]
+
+
+async def test_send_to_user_and_broadcast(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    phone, laptop, other = MemoryTransport(), MemoryTransport(), MemoryTransport()
+    await manager.connect(phone, user_id="alice")
+    await manager.connect(laptop, user_id="alice")
+    await manager.connect(other, user_id="bob")
+    assert await manager.send_to_user("alice", {"type": "update"}) == 2
+    assert await manager.send_to_user("nobody", {"type": "update"}) == 0
+    assert await manager.broadcast({"type": "announcement"}) == 3
+    await settle()
+    assert [e["data"]["type"] for e in phone.events] == ["update", "announcement"]
+    assert [e["data"]["type"] for e in laptop.events] == ["update", "announcement"]
+    assert [e["data"]["type"] for e in other.events] == ["announcement"]
+    assert phone.events[0]["topic"] == "user:alice"
+
+
+async def test_unserialisable_data_raises_to_the_caller(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    await manager.connect(MemoryTransport())
+    with pytest.raises(TypeError, match="not JSON serialisable"):
+        await manager.broadcast({"bad": object()})
+    assert manager.connection_count == 1
+
+
+async def test_broadcast_serialises_once(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    transports = [MemoryTransport() for _ in range(1000)]
+    for transport in transports:
+        await manager.connect(transport)
+    assert await manager.broadcast({"type": "announcement"}) == 1000
+    await settle()
+    first = transports[0].sent[0]
+    assert all(len(t.sent) == 1 and t.sent[0] is first for t in transports)
+
+
+async def test_batch_frames(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor, batch_frames=True)
+    transport = MemoryTransport()
+    info = await manager.connect(transport)
+    transport.block()
+    await manager.send_to_connection(info.connection_id, {"n": 0})
+    await settle()  # the actor is now blocked writing n=0
+    for n in range(1, 4):
+        await manager.send_to_connection(info.connection_id, {"n": n})
+    transport.unblock()
+    await settle()
+    assert len(transport.sent) == 2
+    assert isinstance(json.loads(transport.sent[1]), list)
+    assert [event["data"]["n"] for event in transport.events] == [0, 1, 2, 3]
+
+
+async def test_events_from_rooms_and_coalescing(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    transport = MemoryTransport()
+    info = await manager.connect(transport, user_id="alice")
+    subscriber = manager.get_subscriber(info.connection_id)
+    assert subscriber is not None
+    assert subscriber.connection_id == info.connection_id
+    assert subscriber.user_id == "alice"
+    transport.block()
+    subscriber.deliver_nowait(Event(type="message", topic="room:a", data={"n": 0}, seq=1, epoch="e"))
+    await settle()
+    for typing in (True, False, True):
+        subscriber.deliver_nowait(Event(type="typing", topic="room:a", data={"typing": typing}, coalesce_key="bob"))
+    transport.unblock()
+    await settle()
+    assert [event["type"] for event in transport.events] == ["message", "typing"]
+    assert transport.events[1]["data"] == {"typing": True}
+
+
+# -- rooms ----------------------------------------------------------------------------
+
+
+async def test_rooms(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    t1, t2, t3 = MemoryTransport(), MemoryTransport(), MemoryTransport()
+    c1 = (await manager.connect(t1, user_id="alice")).connection_id
+    c2 = (await manager.connect(t2, user_id="alice")).connection_id
+    c3 = (await manager.connect(t3, user_id="bob")).connection_id
+    for room in ("general", "announcements", "team"):
+        manager.add_room(c1, room)
+    manager.add_room(c1, "general")  # idempotent
+    manager.add_room(c2, "general")
+    manager.add_room(c3, "general")
+    manager.add_room(c3, "team")
+    assert manager.get_connection_rooms(c1) == {"general", "announcements", "team"}
+    assert manager.get_connection_rooms("unknown") == set()
+    assert manager.get_connection(c1) is not None
+    assert manager.get_connection(c1).rooms == frozenset({"general", "announcements", "team"})  # type: ignore[union-attr]
+    assert {c.connection_id for c in manager.get_room_connections("general")} == {c1, c2, c3}
+    assert manager.get_room_connections("nowhere") == []
+    assert manager.room_stats() == {
+        "general": RoomStats(connections=3, users=2),
+        "announcements": RoomStats(connections=1, users=1),
+        "team": RoomStats(connections=2, users=2),
+    }
+    assert manager.room_stats()["general"].to_dict() == {"connections": 3, "users": 2}
+    assert await manager.broadcast_to_room("team", {"type": "standup"}) == 2
+    assert await manager.broadcast_to_room("nowhere", {"type": "standup"}) == 0
+    await settle()
+    assert [len(t.events) for t in (t1, t2, t3)] == [1, 0, 1]
+    assert t1.events[0]["topic"] == "room:team"
+
+    assert manager.remove_room(c1, "team") is True
+    assert manager.remove_room(c1, "team") is False
+    assert manager.remove_room("unknown", "team") is False
+    assert manager.get_connection_rooms(c1) == {"general", "announcements"}
+
+    await manager.disconnect(c1)  # dead-connection cleanup: out of every room
+    assert "announcements" not in manager.room_stats()
+    assert manager.room_stats()["general"] == RoomStats(connections=2, users=2)
+    with pytest.raises(NotFound):
+        manager.add_room(c1, "general")
+
+
+# -- hooks, crashes, slow and broken clients ----------------------------------------
+
+
+async def test_hooks_run_once_per_connection(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    manager = make_manager(supervisor, recorder)
+    first = await manager.connect(MemoryTransport(), user_id="alice")
+    second = await manager.connect(MemoryTransport(), user_id="bob")
+    assert [info.connection_id for info in recorder.connected] == [first.connection_id, second.connection_id]
+    await manager.disconnect(first.connection_id)
+    await manager.disconnect(first.connection_id)
+    assert recorder.disconnect_counts() == {first.connection_id: 1}
+    assert recorder.disconnected[0].user_id == "alice"
+
+
+async def test_hook_errors_are_logged_not_raised(
+    supervisor: Supervisor, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(info: ConnectionInfo) -> None:
+        raise RuntimeError("hook bug")
+
+    manager = make_manager(supervisor)
+    manager.on_connect = broken
+    manager.on_disconnect = broken
+    transport = MemoryTransport()
+    info = await manager.connect(transport)
+    assert manager.connection_count == 1
+    assert await manager.disconnect(info.connection_id)
+    assert transport.closed
+    assert manager.statistics().hook_errors == 2
+    assert "hook bug" in caplog.text
+
+
+async def test_a_crash_closes_the_connection_once(
+    supervisor: Supervisor, fault_injector: FaultInjector, autojump_clock: trio.abc.Clock
+) -> None:
+    recorder = Recorder()
+    manager = make_manager(supervisor, recorder)
+    transport = MemoryTransport()
+    info = await manager.connect(transport, user_id="alice")
+    ref = manager.connection_ref(info.connection_id)
+    assert ref is not None
+    fault_injector.crash_next(ref)
+    await manager.send_to_connection(info.connection_id, {"n": 1})
+    await settle()
+    assert transport.close_code == CLOSE_INTERNAL_ERROR
+    assert manager.get_connection(info.connection_id) is None
+    assert recorder.disconnect_counts() == {info.connection_id: 1}
+    assert recorder.offline == ["alice"]
+    assert manager.statistics().crashes == 1
+    assert not ref.alive
+    assert await manager.disconnect(info.connection_id) is False
+    assert recorder.disconnect_counts() == {info.connection_id: 1}
+
+
+async def test_a_slow_consumer_does_not_delay_others_and_is_closed(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    manager = make_manager(supervisor, recorder, outbox_max_events=5)
+    slow = MemoryTransport()
+    slow.block()  # never reads again
+    slow_id = (await manager.connect(slow, user_id="slowpoke")).connection_id
+    fast = [MemoryTransport() for _ in range(3)]
+    for transport in fast:
+        await manager.connect(transport)
+    counts = []
+    for seq in range(1, 21):
+        event = Event(type="message", topic="room:a", data={"n": seq}, seq=seq, epoch="e1")
+        counts.append(sum(1 for conn in manager.get_all_connections() if _deliver(manager, conn.connection_id, event)))
+        await settle()
+        # Every fast client has everything so far: the slow one holds no one up.
+        assert all(len(t.sent) == seq for t in fast)
+    assert counts[0] == 4
+    assert counts[-1] == 3
+    assert slow.close_code == SLOW_CONSUMER
+    assert slow.close_reason is not None
+    reason = json.loads(slow.close_reason)
+    assert reason == {"error": "slow_consumer", "positions": {}}  # nothing was written
+    assert manager.get_connection(slow_id) is None
+    assert recorder.disconnect_counts() == {slow_id: 1}
+    assert recorder.offline == ["slowpoke"]
+    assert manager.statistics().slow_consumers == 1
+    assert all(not t.closed for t in fast)
+
+
+async def test_slow_consumer_positions_are_those_written(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor, outbox_max_events=3)
+    transport = MemoryTransport()
+    info = await manager.connect(transport)
+    subscriber = manager.get_subscriber(info.connection_id)
+    assert subscriber is not None
+    subscriber.deliver_nowait(Event(type="message", topic="room:a", data={}, seq=1, epoch="e1"))
+    subscriber.deliver_nowait(Event(type="message", topic="room:b", data={}, seq=7, epoch="e2"))
+    await settle()
+    transport.block()
+    for seq in range(2, 7):
+        subscriber.deliver_nowait(Event(type="message", topic="room:a", data={}, seq=seq, epoch="e1"))
+        await settle()
+    assert transport.close_code == SLOW_CONSUMER
+    assert transport.close_reason is not None
+    assert json.loads(transport.close_reason)["positions"] == {"room:a": ["e1", 1], "room:b": ["e2", 7]}
+
+
+async def test_a_broken_transport_closes_only_that_connection(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    manager = make_manager(supervisor, recorder)
+    broken, healthy = MemoryTransport(), MemoryTransport()
+    broken_id = (await manager.connect(broken, user_id="alice")).connection_id
+    await manager.connect(healthy, user_id="bob")
+    broken.fail()
+    assert await manager.broadcast({"n": 1}) == 2
+    await settle()
+    assert broken.close_code == CLOSE_INTERNAL_ERROR
+    assert broken.close_reason == "send failed: BrokenResourceError"
+    assert manager.get_connection(broken_id) is None
+    assert manager.connection_count == 1
+    assert recorder.disconnect_counts() == {broken_id: 1}
+    assert await manager.broadcast({"n": 2}) == 1
+    await settle()
+    assert [e["data"]["n"] for e in healthy.events] == [1, 2]
+    assert manager.statistics().transport_errors == 1
+
+
+async def test_online_and_offline_with_two_devices(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    manager = make_manager(supervisor, recorder)
+    assert not manager.is_online("alice")
+    phone = await manager.connect(MemoryTransport(), user_id="alice")
+    assert recorder.online == ["alice"]
+    laptop = await manager.connect(MemoryTransport(), user_id="alice")
+    assert recorder.online == ["alice"]  # the second device changes nothing
+    await manager.connect(MemoryTransport())  # anonymous: no presence
+    assert manager.is_online("alice")
+    assert manager.online_users() == {"alice"}
+    await manager.disconnect(phone.connection_id)
+    assert recorder.offline == []
+    assert manager.is_online("alice")
+    await manager.disconnect(laptop.connection_id)
+    assert recorder.offline == ["alice"]
+    assert not manager.is_online("alice")
+    await manager.connect(MemoryTransport(), user_id="alice")
+    assert recorder.online == ["alice", "alice"]
+
+
+def _deliver(manager: ConnectionManager, connection_id: str, event: Event) -> bool:
+    subscriber = manager.get_subscriber(connection_id)
+    return subscriber is not None and subscriber.deliver_nowait(event)
