@@ -419,6 +419,9 @@ class ConnectionManager:
             ``transport.close``) before the connection is closed by force.
         on_user_online: Awaited when a user's first connection opens.
         on_user_offline: Awaited when a user's last connection closes.
+        on_closed: Awaited first when a connection closes, before
+            ``on_user_offline`` and ``on_disconnect``, for the owner's own
+            clean-up (the hub leaves rooms and live queries there).
         clock: Gives ``connected_at`` (Unix time).
 
     Attributes:
@@ -443,6 +446,7 @@ class ConnectionManager:
         close_timeout: float = 5.0,
         on_user_online: UserHook | None = None,
         on_user_offline: UserHook | None = None,
+        on_closed: Hook | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if max_connections < 0 or max_metadata_keys < 0:
@@ -466,6 +470,7 @@ class ConnectionManager:
         self.close_timeout = close_timeout
         self.on_user_online = on_user_online
         self.on_user_offline = on_user_offline
+        self._on_closed = on_closed
         self.on_connect: Hook | None = None
         self.on_disconnect: Hook | None = None
         self._clock = clock
@@ -649,6 +654,7 @@ class ConnectionManager:
                     await conn.transport.close(code, reason)
                 except Exception as exc:
                     logger.info("closing the transport of %s raised %r", conn.connection_id, exc)
+            await self._call(self._on_closed, conn.info(), "on_closed")
             user_id = conn.user_id
             if user_id is not None and user_id in self._online and user_id not in self._by_user:
                 self._online.discard(user_id)

@@ -1,0 +1,394 @@
+"""The hub: the whole supervision tree of the realtime actors, embedded.
+
+``async with open_hub(config) as hub:`` starts, under one root supervisor::
+
+    /<name>
+      /rooms          one transient actor per room, started on first use,
+                      stopped when idle, each with its own restart limit
+      /mailboxes      one transient actor per user (notifications, devices)
+      /connections    one temporary actor per connection
+      /relay          delivers room outcomes (join decisions) to mailboxes
+      /live           the live-query actor
+
+and tears it down in reverse order on exit (connections first, closed with
+1001). No network is needed: the server is a thin layer over this.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from ..actors import Actor, ChildSpec, Supervisor, SupervisorSpec, TreeNode, open_supervisor
+from ._connections import ConnectionManager, Transport
+from ._errors import NotAMember, NotFound
+from ._events import JOIN_DECISION, Event
+from ._live import LiveConfig, LiveQuery, start_live_query
+from ._models import ConnectionInfo, RoomConfig, RoomMember
+from ._notification_store import NotificationStore
+from ._notifications import NotificationManager
+from ._outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_EVENTS
+from ._ratelimit import WebSocketRateLimiter, WSRateLimitConfig
+from ._registry import OnDemand
+from ._room import Room, RoomActor
+from ._room_store import InMemoryRoomStore, RoomStore
+
+logger = logging.getLogger("ensemble.hub")
+
+_NESTED = {"room": RoomConfig, "rate_limit": WSRateLimitConfig, "live": LiveConfig}
+
+
+def _valid_name(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value or "/" in value:
+        raise ValueError(f"{attribute.name} must be non-empty without '/', got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class HubConfig:
+    """Configuration of a hub: one object, with named constructors.
+
+    Args:
+        name: The root supervisor's name (paths are ``/<name>/rooms/<id>``).
+        room: The default :class:`RoomConfig` of rooms created without one.
+        room_max_restarts: Restarts a room may take ...
+        room_max_seconds: ... within this many seconds, before it is given
+            up on alone (other rooms are unaffected).
+        max_connections: Most connections at once.
+        max_connections_per_user: Most connections of one user, or ``None``.
+        max_metadata_keys: Most keys in a connection's metadata.
+        outbox_max_events: Each connection's outbound queue bound, in events.
+        outbox_max_bytes: ... and in bytes; beyond either the connection is
+            a slow consumer and is closed with its resume positions.
+        notifications_per_user: Most notifications kept per user.
+        mailbox_idle_timeout: Seconds before an idle user mailbox stops.
+        rate_limit: The inbound rate limit of every connection.
+        live: Live-query settings.
+    """
+
+    name: str = attrs.field(default="hub", validator=_valid_name)
+    room: RoomConfig = attrs.field(factory=RoomConfig)
+    room_max_restarts: int = attrs.field(default=3, validator=attrs.validators.ge(0))
+    room_max_seconds: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    max_connections: int = attrs.field(default=10_000, validator=attrs.validators.ge(0))
+    max_connections_per_user: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(1)))
+    max_metadata_keys: int = attrs.field(default=32, validator=attrs.validators.ge(0))
+    outbox_max_events: int = attrs.field(default=DEFAULT_MAX_EVENTS, validator=attrs.validators.ge(1))
+    outbox_max_bytes: int = attrs.field(default=DEFAULT_MAX_BYTES, validator=attrs.validators.ge(1))
+    notifications_per_user: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
+    mailbox_idle_timeout: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    rate_limit: WSRateLimitConfig = attrs.field(factory=WSRateLimitConfig)
+    live: LiveConfig = attrs.field(factory=LiveConfig)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> HubConfig:
+        """Build a config from plain data (such as parsed TOML or JSON).
+
+        Nested sections (``room``, ``rate_limit``, ``live``) are mappings of
+        their own fields.
+
+        Raises:
+            ValueError: An unknown key, or an invalid value.
+            TypeError: A value of the wrong type.
+        """
+        known = {field.name for field in attrs.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown hub config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            nested = _NESTED.get(key)
+            if nested is not None and isinstance(value, Mapping):
+                fields = {field.name for field in attrs.fields(nested)}
+                bad = sorted(set(value) - fields)
+                if bad:
+                    raise ValueError(f"unknown keys in [{key}]: {', '.join(bad)} (known: {', '.join(sorted(fields))})")
+                value = nested(**value)
+            values[key] = value
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> HubConfig:
+        """Read a config from a TOML file (its top-level table, or ``[hub]``)."""
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+        section = data.get("hub", data)
+        if not isinstance(section, Mapping):
+            raise ValueError(f"{path}: [hub] must be a table")
+        return cls.from_mapping(section)
+
+
+@attrs.frozen
+class _Relay:
+    user_id: str
+    event: Event
+
+
+class _RelayActor(Actor):
+    """Turns room outcomes for a user (join decisions) into notifications.
+
+    Rooms hand these over with ``tell_nowait`` so that a room never waits on
+    a user's mailbox; this actor does the waiting.
+    """
+
+    def __init__(self, notifications: NotificationManager) -> None:
+        self.notifications = notifications
+
+    async def receive(self, message: Any) -> Any:
+        if not isinstance(message, _Relay):
+            raise TypeError(f"unexpected message {message!r}")
+        event = message.event
+        data = dict(event.data)
+        if event.type == JOIN_DECISION:
+            approved = bool(data.get("approved"))
+            room_id = data.get("room_id", "")
+            title = "Join request approved" if approved else "Join request denied"
+            body = f"Your request to join {room_id} was {'approved' if approved else 'denied'}."
+            if not approved and data.get("reason"):
+                body += f" Reason: {data['reason']}"
+            await self.notifications.send(
+                message.user_id,
+                title,
+                body,
+                "success" if approved else "warning",
+                data={"event": JOIN_DECISION, **data},
+            )
+        else:
+            await self.notifications.send(message.user_id, event.type, "", "info", data={"event": event.type, **data})
+        return None
+
+
+class Hub:
+    """The running realtime actors (from :func:`open_hub`).
+
+    Attributes:
+        config: The :class:`HubConfig`.
+        connections: The :class:`ConnectionManager` (the seed's API).
+        notifications: The :class:`NotificationManager` (the seed's API).
+        live: The :class:`LiveQuery` (the seed's API, plus enter/leave).
+        rate_limiter: The inbound :class:`WebSocketRateLimiter`, on Trio's
+            clock (so it follows a mock clock in tests).
+        supervisor: The root supervisor (for ``snapshot()`` and metrics).
+    """
+
+    def __init__(
+        self,
+        *,
+        config: HubConfig,
+        supervisor: Supervisor,
+        rooms_supervisor: Supervisor,
+        room_store: RoomStore,
+        connections: ConnectionManager,
+        notifications: NotificationManager,
+        live: LiveQuery,
+    ) -> None:
+        self.config = config
+        self.supervisor = supervisor
+        self.connections = connections
+        self.notifications = notifications
+        self.live = live
+        self.rate_limiter = WebSocketRateLimiter(config.rate_limit, clock=trio.current_time)
+        self.room_store = room_store
+        self._room_configs: dict[str, RoomConfig] = {}
+        self._rooms = OnDemand(rooms_supervisor, self._room_spec)
+
+    def __repr__(self) -> str:
+        return f"<Hub {self.supervisor.path}: {self.connections.connection_count} connections, {len(self._rooms.running())} rooms running>"
+
+    # -- rooms -------------------------------------------------------------------
+
+    async def room(self, room_id: str, config: RoomConfig | None = None) -> Room:
+        """The room ``room_id``, started (or resumed from its store) if needed.
+
+        Args:
+            room_id: The room; non-empty, no ``/``, at most 200 characters.
+            config: Used when the room starts (first use, or after an idle
+                stop); ``None`` keeps the stored config, or the hub's default
+                for a new room. A room that is running keeps the config it
+                started with.
+
+        Raises:
+            ValueError: An invalid room id.
+        """
+        _check_id("room id", room_id)
+        if config is not None:
+            self._room_configs[room_id] = config
+        elif self._rooms.get_nowait(room_id) is None and room_id not in self._room_configs and await self.room_store.load(room_id) is None:
+            # A cold start of a room the store does not know: the default.
+            self._room_configs[room_id] = self.config.room
+        ref = await self._rooms.get(room_id)
+        return Room(room_id, ref)
+
+    def rooms_running(self) -> list[str]:
+        """The ids of the rooms whose actors run now (idle ones are not)."""
+        return self._rooms.running()
+
+    def _room_spec(self, room_id: str) -> ChildSpec:
+        config = self._room_configs.pop(room_id, None)
+        spec = RoomActor.spec(room_id, config, self.room_store, self._notify_user)
+        return attrs.evolve(spec, max_restarts=self.config.room_max_restarts, max_seconds=self.config.room_max_seconds)
+
+    async def _notify_user(self, user_id: str, event: Event) -> None:
+        relay = self.supervisor.child("relay")
+        if relay is None or isinstance(relay, Supervisor):
+            logger.warning("no relay to deliver %s to %s", event.type, user_id)
+            return
+        relay.tell_nowait(_Relay(user_id, event))
+
+    # -- connections -----------------------------------------------------------------
+
+    async def connect(
+        self, transport: Transport, user_id: str | None = None, metadata: Mapping[str, object] | None = None
+    ) -> ConnectionInfo:
+        """Open a connection and attach it to its user's mailbox (all devices
+        then receive the user's notifications).
+
+        Raises:
+            TooManyConnections: A connection limit is reached.
+            ValueError: Too many metadata keys, or an invalid user id.
+        """
+        if user_id is not None:
+            _check_id("user id", user_id)
+        info = await self.connections.connect(transport, user_id, metadata)
+        if user_id is not None:
+            subscriber = self.connections.get_subscriber(info.connection_id)
+            if subscriber is not None:
+                await self.notifications.attach(user_id, subscriber)
+        return info
+
+    async def disconnect(self, connection_id: str) -> bool:
+        """Close a connection (normal closure); see ``connections.disconnect``."""
+        return await self.connections.disconnect(connection_id)
+
+    async def join_room(self, connection_id: str, room_id: str, *, display_name: str | None = None, role: str = "member") -> RoomMember:
+        """Join the connection's user to a room and subscribe the connection.
+
+        A user who is a member already just gets this connection subscribed
+        (another device).
+
+        Raises:
+            NotFound: No such connection.
+            NotAMember: The connection is anonymous.
+            PermissionError: Banned, room full, approval required, ...
+        """
+        info = self.connections.get_connection(connection_id)
+        subscriber = self.connections.get_subscriber(connection_id)
+        if info is None or subscriber is None:
+            raise NotFound(f"no connection {connection_id!r}")
+        if info.user_id is None:
+            raise NotAMember(f"connection {connection_id!r} is anonymous and cannot join rooms")
+        room = await self.room(room_id)
+        existing = await room.get_member(info.user_id)
+        if existing is None:
+            member = await room.join(info.user_id, display_name or info.user_id, role, subscriber=subscriber)
+        else:
+            await room.subscribe(subscriber)
+            member = existing
+        self.connections.add_room(connection_id, room_id)
+        return member
+
+    async def leave_room(self, connection_id: str, room_id: str) -> bool:
+        """Stop delivering a room's events to a connection (membership stays)."""
+        removed = self.connections.remove_room(connection_id, room_id)
+        ref = self._rooms.get_nowait(room_id)
+        if ref is not None:
+            await Room(room_id, ref).unsubscribe(connection_id)
+        return removed
+
+    async def _connection_closed(self, info: ConnectionInfo) -> None:
+        """Clean up after a connection, whatever closed it."""
+        for room_id in info.rooms:
+            ref = self._rooms.get_nowait(room_id)
+            if ref is not None:
+                try:
+                    await Room(room_id, ref).unsubscribe(info.connection_id)
+                except Exception as exc:  # a room that stopped meanwhile
+                    logger.debug("unsubscribing %s from %s: %r", info.connection_id, room_id, exc)
+        await self.live.unwatch_connection(info.connection_id)
+        if info.user_id is not None:
+            await self.notifications.detach(info.user_id, info.connection_id)
+        self.rate_limiter.reset(info.connection_id)
+
+    # -- presence and introspection ----------------------------------------------------
+
+    def is_online(self, user_id: str) -> bool:
+        """Whether the user has at least one open connection (any device)."""
+        return self.connections.is_online(user_id)
+
+    def snapshot(self) -> TreeNode:
+        """The supervision tree with every actor's statistics."""
+        return self.supervisor.snapshot()
+
+
+def _check_id(what: str, value: object) -> None:
+    if not isinstance(value, str) or not value or "/" in value or len(value) > 200:
+        raise ValueError(f"{what} must be a non-empty string without '/' of at most 200 characters, got {value!r}")
+
+
+@asynccontextmanager
+async def open_hub(
+    config: HubConfig | None = None,
+    *,
+    room_store: RoomStore | None = None,
+    notification_store: NotificationStore | None = None,
+) -> AsyncIterator[Hub]:
+    """Start the realtime actors inside the caller's Trio program.
+
+    Args:
+        config: The hub's configuration (default: :class:`HubConfig`).
+        room_store: Where room state lives (default: in memory).
+        notification_store: Where notifications live (default: in memory).
+
+    Yields:
+        The running :class:`Hub`. On exit connections are closed with 1001,
+        then every actor stops in reverse start order.
+    """
+    config = config or HubConfig()
+    store = room_store if room_store is not None else InMemoryRoomStore()
+    hub: Hub | None = None
+
+    async def closed(info: ConnectionInfo) -> None:
+        if hub is not None:
+            await hub._connection_closed(info)
+
+    async with open_supervisor(name=config.name) as root:
+        mailboxes = await root.start_child(SupervisorSpec(id="mailboxes", max_restarts=1000, max_seconds=1.0))
+        rooms_supervisor = await root.start_child(SupervisorSpec(id="rooms", max_restarts=1000, max_seconds=1.0))
+        notifications = NotificationManager(
+            mailboxes,
+            notification_store,
+            max_per_user=config.notifications_per_user,
+            idle_timeout=config.mailbox_idle_timeout,
+        )
+        await root.start_child(ChildSpec(id="relay", factory=lambda: _RelayActor(notifications)))
+        live = await start_live_query(root, id="live", config=config.live)
+        connections_supervisor = await root.start_child(SupervisorSpec(id="connections", max_restarts=1000, max_seconds=1.0))
+        connections = ConnectionManager(
+            connections_supervisor,
+            max_connections=config.max_connections,
+            max_connections_per_user=config.max_connections_per_user,
+            max_metadata_keys=config.max_metadata_keys,
+            outbox_max_events=config.outbox_max_events,
+            outbox_max_bytes=config.outbox_max_bytes,
+            on_closed=closed,
+        )
+        hub = Hub(
+            config=config,
+            supervisor=root,
+            rooms_supervisor=rooms_supervisor,
+            room_store=store,
+            connections=connections,
+            notifications=notifications,
+            live=live,
+        )
+        try:
+            yield hub
+        finally:
+            with trio.CancelScope(shield=True):
+                await connections.disconnect_all()
