@@ -419,6 +419,9 @@ class ConnectionManager:
             ``transport.close``) before the connection is closed by force.
         on_user_online: Awaited when a user's first connection opens.
         on_user_offline: Awaited when a user's last connection closes.
+        on_opened: Awaited when a connection has opened, before
+            ``on_user_online`` and ``on_connect``, for the owner's own wiring
+            (the hub attaches the connection to its user's mailbox there).
         on_closed: Awaited first when a connection closes, before
             ``on_user_offline`` and ``on_disconnect``, for the owner's own
             clean-up (the hub leaves rooms and live queries there).
@@ -446,6 +449,7 @@ class ConnectionManager:
         close_timeout: float = 5.0,
         on_user_online: UserHook | None = None,
         on_user_offline: UserHook | None = None,
+        on_opened: Hook | None = None,
         on_closed: Hook | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -470,6 +474,7 @@ class ConnectionManager:
         self.close_timeout = close_timeout
         self.on_user_online = on_user_online
         self.on_user_offline = on_user_offline
+        self._on_opened = on_opened
         self._on_closed = on_closed
         self.on_connect: Hook | None = None
         self.on_disconnect: Hook | None = None
@@ -556,6 +561,7 @@ class ConnectionManager:
             conn.done.set()
             raise
         self._connected += 1
+        await self._call(self._on_opened, conn.info(), "on_opened")
         if user_id is not None and user_id not in self._online and conn.registered:
             self._online.add(user_id)
             await self._call(self.on_user_online, user_id, "on_user_online")

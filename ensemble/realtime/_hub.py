@@ -255,12 +255,16 @@ class Hub:
         """
         if user_id is not None:
             _check_id("user id", user_id)
-        info = await self.connections.connect(transport, user_id, metadata)
-        if user_id is not None:
-            subscriber = self.connections.get_subscriber(info.connection_id)
-            if subscriber is not None:
-                await self.notifications.attach(user_id, subscriber)
-        return info
+        return await self.connections.connect(transport, user_id, metadata)
+
+    async def _connection_opened(self, info: ConnectionInfo) -> None:
+        """Wire a new connection, however it was opened: attach it to its
+        user's mailbox so every device gets the user's notifications."""
+        if info.user_id is None:
+            return
+        subscriber = self.connections.get_subscriber(info.connection_id)
+        if subscriber is not None:
+            await self.notifications.attach(info.user_id, subscriber)
 
     async def disconnect(self, connection_id: str) -> bool:
         """Close a connection (normal closure); see ``connections.disconnect``."""
@@ -353,6 +357,10 @@ async def open_hub(
     store = room_store if room_store is not None else InMemoryRoomStore()
     hub: Hub | None = None
 
+    async def opened(info: ConnectionInfo) -> None:
+        if hub is not None:
+            await hub._connection_opened(info)
+
     async def closed(info: ConnectionInfo) -> None:
         if hub is not None:
             await hub._connection_closed(info)
@@ -376,6 +384,7 @@ async def open_hub(
             max_metadata_keys=config.max_metadata_keys,
             outbox_max_events=config.outbox_max_events,
             outbox_max_bytes=config.outbox_max_bytes,
+            on_opened=opened,
             on_closed=closed,
         )
         hub = Hub(
