@@ -1,6 +1,7 @@
 """Every ```python block of the documentation is executed.
 
-Conventions (for docs/actors.md, README.md and any file added to ``DOCUMENTS``):
+Conventions (for docs/actors.md, docs/embedding.md, README.md and any file added
+to ``DOCUMENTS``):
 
 * Each ```python block is a complete program: it imports and defines what
   it needs and, if it is async, calls ``trio.run(...)`` itself (a block must
@@ -38,7 +39,7 @@ import trio.testing
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = [ROOT / "docs" / "actors.md", ROOT / "README.md"]
+DOCUMENTS = [ROOT / "docs" / "actors.md", ROOT / "docs" / "embedding.md", ROOT / "README.md"]
 
 FENCE = re.compile(r"^```[ \t]*(?P<lang>[^\s`]*)[^\n]*\n(?P<code>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
