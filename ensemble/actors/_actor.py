@@ -355,6 +355,7 @@ class _Cell:
 
     def close(self) -> None:
         """Stop for good: refuse messages, fail queued asks."""
+        self.actor = None  # a ref held after the stop must not keep the actor's state
         self.state = "stopped"
         self.mailbox.close()
         self._clear_timers()
@@ -457,19 +458,23 @@ class _Cell:
         self.state = "running"
         task_status.started()
         try:
-            await self._loop(actor)
-        except Exception as exc:
-            self._record_crash(exc, "receive")
-            await self._stop_after_crash(actor)
-            raise
-        # Timers belong to the incarnation that is ending.
-        self._clear_timers()
-        self.state = "stopping"
-        try:
-            await actor.on_stop()
-        except Exception as exc:
-            self._record_crash(exc, "on_stop")
-            raise
+            try:
+                await self._loop(actor)
+            except Exception as exc:
+                self._record_crash(exc, "receive")
+                await self._stop_after_crash(actor)
+                raise
+            # Timers belong to the incarnation that is ending.
+            self._clear_timers()
+            self.state = "stopping"
+            try:
+                await actor.on_stop()
+            except Exception as exc:
+                self._record_crash(exc, "on_stop")
+                raise
+        finally:
+            # The incarnation is over: do not keep its state alive.
+            self.actor = None
 
     def _settle_mailbox(self, actor_class: type[Actor]) -> None:
         """Use the actor class's mailbox config, on the first start only."""

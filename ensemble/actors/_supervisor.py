@@ -594,7 +594,10 @@ class Supervisor:
                 current = command
                 if await self._dispatch(command):
                     return
-                current = None
+                # Hold no command while waiting for the next one: an exit
+                # record would keep the stopped child's actor (and all of
+                # its state) alive until then.
+                current = command = None
         finally:
             self._inbox_send = None
             self._fail_pending(current, inbox)
