@@ -119,10 +119,10 @@ class Outbox:
         "_coalesced",
         "_delivered",
         "_dropped",
+        "_last",
         "_overflowed",
         "_peak",
         "_peak_bytes",
-        "_positions",
         "_queue",
         "_refused",
         "_refusing",
@@ -158,7 +158,9 @@ class Outbox:
         self._queue: deque[Event | _Slot] = deque()
         self._slots: dict[Hashable, _Slot] = {}
         self._bytes = 0
-        self._positions: Positions = {}
+        # Per topic, the last sequenced event accepted: positions are made
+        # from it on demand, not per delivery.
+        self._last: dict[str, Event] = {}
         self._waiter: trio.lowlevel.Task | None = None
         self._refusing = False  # overflowed or closed: the fast-path check
         self._overflowed = False
@@ -190,7 +192,7 @@ class Outbox:
     @property
     def positions(self) -> Positions:
         """Per topic, the ``(epoch, seq)`` of the last sequenced event accepted."""
-        return dict(self._positions)
+        return self._positions()
 
     # -- the fan-out side ------------------------------------------------------
 
@@ -211,33 +213,46 @@ class Outbox:
             return False
         size = len(event.encoded)
         queue = self._queue
-        key: Hashable | None = None
-        if event.coalesce_key is not None:
-            # Per topic: a connection in two rooms keeps both typing sets.
-            key = (event.topic, event.coalesce_key)
-            slot = self._slots.get(key)
-            if slot is not None:
-                new_bytes = self._bytes - slot.size + size
-                if new_bytes > self.max_bytes and len(queue) > 1:
-                    self._dropped += 1
-                    return False
-                slot.event = event
-                slot.size = size
-                self._bytes = new_bytes
-                self._coalesced += 1
-                self._accept(event)
-                return True
-            if len(queue) >= self.max_events or (queue and self._bytes + size > self.max_bytes):
-                self._dropped += 1
-                return False
-            slot = _Slot(key, event, size)
-            self._slots[key] = slot
-            queue.append(slot)
-        else:
-            if len(queue) >= self.max_events or (queue and self._bytes + size > self.max_bytes):
+        if event.coalesce_key is None:
+            # The fan-out hot path: a plain event, inlined (no helper calls).
+            depth = len(queue)
+            total = self._bytes + size
+            if depth >= self.max_events or (depth and total > self.max_bytes):
                 self._overflow()
                 return False
             queue.append(event)
+            self._bytes = total
+            self._accepted += 1
+            if event.seq is not None:
+                self._last[event.topic] = event
+            depth += 1
+            if depth > self._peak:
+                self._peak = depth
+            if total > self._peak_bytes:
+                self._peak_bytes = total
+            if depth == 1:
+                self._ready()
+            return True
+        # Per topic: a connection in two rooms keeps both typing sets.
+        key: Hashable = (event.topic, event.coalesce_key)
+        slot = self._slots.get(key)
+        if slot is not None:
+            new_bytes = self._bytes - slot.size + size
+            if new_bytes > self.max_bytes and len(queue) > 1:
+                self._dropped += 1
+                return False
+            slot.event = event
+            slot.size = size
+            self._bytes = new_bytes
+            self._coalesced += 1
+            self._accept(event)
+            return True
+        if len(queue) >= self.max_events or (queue and self._bytes + size > self.max_bytes):
+            self._dropped += 1
+            return False
+        slot = _Slot(key, event, size)
+        self._slots[key] = slot
+        queue.append(slot)
         self._bytes += size
         self._accept(event)
         depth = len(queue)
@@ -251,9 +266,11 @@ class Outbox:
 
     def _accept(self, event: Event) -> None:
         self._accepted += 1
-        seq = event.seq
-        if seq is not None:
-            self._positions[event.topic] = (event.epoch or "", seq)
+        if event.seq is not None:
+            self._last[event.topic] = event
+
+    def _positions(self) -> Positions:
+        return {topic: (event.epoch or "", event.seq) for topic, event in self._last.items() if event.seq is not None}
 
     def _ready(self) -> None:
         waiter = self._waiter
@@ -278,7 +295,7 @@ class Outbox:
         )
         if self.on_overflow is not None:
             try:
-                self.on_overflow(dict(self._positions))
+                self.on_overflow(self._positions())
             except Exception:
                 logger.exception("on_overflow of outbox %s raised", self.connection_id)
 
@@ -297,8 +314,21 @@ class Outbox:
         queue = self._queue
         if not queue:
             return []
-        count = len(queue) if max_events is None else min(max_events, len(queue))
-        batch: list[Event] = []
+        depth = len(queue)
+        count = depth if max_events is None or max_events >= depth else max_events
+        if not self._slots:
+            # Only plain events queued (the common case): no per-event checks.
+            if count == depth:
+                batch: list[Event] = list(queue)  # type: ignore[arg-type]
+                queue.clear()
+                self._bytes = 0
+            else:
+                popleft = queue.popleft
+                batch = [popleft() for _ in range(count)]  # type: ignore[misc]
+                self._bytes -= sum([len(event.encoded) for event in batch])
+            self._delivered += count
+            return batch
+        batch = []
         append = batch.append
         popleft = queue.popleft
         taken_bytes = 0

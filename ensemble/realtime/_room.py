@@ -407,9 +407,27 @@ class _Subscribers:
         self.by_user: dict[str, dict[str, Subscriber]] = {}
         self.by_connection: dict[str, str] = {}
         self.incarnations = 0
+        self._flat: list[tuple[Subscriber, Callable[[Event], bool]]] | None = None
 
     def __len__(self) -> int:
         return len(self.by_connection)
+
+    def changed(self) -> None:
+        """Call after changing ``by_user``: the flat list is rebuilt on next use."""
+        self._flat = None
+
+    def flat(self) -> list[tuple[Subscriber, Callable[[Event], bool]]]:
+        """Every subscriber with its bound ``deliver_nowait``, cached between changes.
+
+        An event for everyone (no audience) is handed out from this list: no
+        per-recipient dict walks or attribute lookups.
+        """
+        flat = self._flat
+        if flat is None:
+            flat = self._flat = [
+                (subscriber, subscriber.deliver_nowait) for connections in self.by_user.values() for subscriber in connections.values()
+            ]
+        return flat
 
 
 def _new_epoch() -> str:
@@ -658,13 +676,29 @@ class RoomActor(Actor):
     def _deliver(self, event: Event) -> None:
         """Hand ``event`` to every admitted subscriber, without waiting."""
         audience = event.audience
+        if audience is not None:
+            self._deliver_to(event, audience)
+            return
+        # The hot path: everyone, from the cached flat list of bound methods.
+        delivered = 0
+        flat = self._subs.flat()
+        for subscriber, deliver_nowait in flat:
+            try:
+                if deliver_nowait(event):
+                    delivered += 1
+            except Exception as exc:
+                logger.warning("subscriber %s of room %s raised %r", subscriber.connection_id, self.room_id, exc)
+        self._deliveries += delivered
+        self._refused += len(flat) - delivered
+
+    def _deliver_to(self, event: Event, audience: Audience) -> None:
+        """Hand ``event`` to the subscribers of the members ``audience`` admits."""
         members = self._members
         delivered = refused = 0
         for user_id, connections in self._subs.by_user.items():
-            if audience is not None:
-                member = members.get(user_id)
-                if not audience.admits(user_id, member.role if member is not None else None):
-                    continue
+            member = members.get(user_id)
+            if not audience.admits(user_id, member.role if member is not None else None):
+                continue
             for subscriber in connections.values():
                 try:
                     accepted = subscriber.deliver_nowait(event)
@@ -757,6 +791,7 @@ class RoomActor(Actor):
 
     def _drop_subscribers(self, user_id: str) -> None:
         connections = self._subs.by_user.pop(user_id, None)
+        self._subs.changed()
         if connections:
             for connection_id in connections:
                 self._subs.by_connection.pop(connection_id, None)
@@ -832,6 +867,7 @@ class RoomActor(Actor):
         first = not connections
         connections[connection_id] = subscriber
         self._subs.by_connection[connection_id] = user_id
+        self._subs.changed()
         if first:
             self._presence(user_id, True)
         return (self.epoch, self.last_seq)
@@ -842,6 +878,7 @@ class RoomActor(Actor):
             return False
         connections = self._subs.by_user[user_id]
         del connections[connection_id]
+        self._subs.changed()
         if not connections:
             del self._subs.by_user[user_id]
             self._presence(user_id, False)

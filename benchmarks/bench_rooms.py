@@ -1,0 +1,625 @@
+"""In-process benchmark of a room's fan-out, to outboxes and end to end.
+
+Run ``python benchmarks/bench_rooms.py`` (a few minutes) or with ``--quick``
+(about twenty seconds); ``--json PATH`` also writes the results as JSON;
+``--profile N`` prints a cProfile of one round at N subscribers instead.
+Run it on an otherwise idle machine (it prints how busy the machine was just
+before it started).
+
+Scenarios:
+
+* ``outbox``: one :class:`RoomActor` (in-memory store) with N members, each
+  subscribed with its own :class:`Outbox`. One publisher (a member without a
+  connection) sends K messages; the benchmark drains every outbox with
+  ``get_batch_nowait`` at the end of the round (a consumer as cheap as can
+  be). This is the room's fan-out: validation, store write, one ``Event``
+  serialised once, N ``deliver_nowait`` hand-offs.
+* ``hub``: the same room in a hub (:func:`open_hub`), with N connections over
+  :class:`MemoryTransport`: each connection actor drains its outbox and
+  awaits ``transport.send`` per event (the default) or per batch
+  (``batch_frames``). The round ends when every task is idle again.
+
+Messages are sent four ways: ``ask`` (``await room.send_message(...)`` one
+after another: the caller waits for each reply), ``tell`` (``await
+ref.tell(SendMessage(...))`` for all K, then one ``room.statistics()`` ask as
+a barrier: the room's mailbox is FIFO; ``await tell`` is a schedule point, so
+the room and the connections run between two messages), ``burst``
+(``tell_nowait`` 500 messages at a time, then the barrier: the room handles
+up to 128 queued messages per wake-up, so consumers get batches) and
+``tasks`` (8 concurrent tasks doing sequential ``send_message`` asks).
+
+Every round is verified: every subscriber got every message exactly once and
+in order (contiguous ``seq``), no outbox overflowed, refused or dropped
+anything, and the room counted exactly N x K deliveries. A round that loses a
+message fails the run.
+
+Each scenario is set up once, warmed up with one untimed round, then timed
+over several rounds; the tables show medians. Times are wall
+(``time.perf_counter``) and process CPU (``time.process_time``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+import trio.testing
+
+from ensemble.actors import open_supervisor
+from ensemble.realtime import HubConfig, MemoryTransport, Outbox, RoomConfig, open_hub
+from ensemble.realtime._events import MESSAGE, Event
+from ensemble.realtime._room import Room, RoomActor, SendMessage
+from ensemble.realtime._room_store import InMemoryRoomStore
+
+# -- targets (from the issue) --------------------------------------------------------
+
+TARGET_RATE = 500_000  # deliveries/s for a room of 1000 members on one core
+TARGET_N = 1000
+SENDER_TASKS = 8  # the "tasks" send mode
+BURST = 500  # the "burst" send mode: tell_nowait this many, then wait for the room
+SETUP_DRAIN = 64  # drain outboxes every this many subscriptions during set-up
+
+# -- sizes ----------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Sizes:
+    """How big each scenario is: (N subscribers, K messages per round) pairs."""
+
+    outbox: tuple[tuple[int, int], ...]  # scaling, tell
+    ask: tuple[tuple[int, int], ...]  # scaling, ask
+    modes_n: int  # N for the comparison of send modes (all three)
+    modes_k: int
+    hub: tuple[tuple[int, int], ...]
+    repeats: int  # timed rounds (the median is reported)
+
+
+FULL = Sizes(
+    outbox=((1, 10_000), (100, 10_000), (1000, 1000), (10_000, 100)),
+    ask=((1, 10_000), (100, 10_000), (1000, 1000)),
+    modes_n=1000,
+    modes_k=1000,
+    hub=((100, 1000), (1000, 1000)),
+    repeats=5,
+)
+QUICK = Sizes(
+    outbox=((1, 1000), (100, 1000), (1000, 200)), ask=((1, 1000), (1000, 200)), modes_n=1000, modes_k=200, hub=((1000, 200),), repeats=1
+)
+
+MODES = ("ask", "tell", "burst", "tasks")
+
+# -- measuring ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Sample:
+    wall: float  # seconds, the whole round
+    cpu: float
+    room_wall: float  # seconds until the room had handled every message
+    room_cpu: float
+
+
+@attrs.frozen(kw_only=True)
+class Result:
+    """The timed rounds of one scenario at one size."""
+
+    scenario: str
+    label: str
+    mode: str
+    n: int  # subscribers
+    k: int  # messages per round
+    samples: tuple[Sample, ...]
+
+    @property
+    def deliveries(self) -> int:
+        return self.n * self.k
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(s.wall for s in self.samples)
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(s.cpu for s in self.samples)
+
+    @property
+    def room_wall(self) -> float:
+        return statistics.median(s.room_wall for s in self.samples)
+
+    @property
+    def rate(self) -> float:
+        """Deliveries per second (wall, whole round)."""
+        return self.deliveries / self.wall
+
+    @property
+    def us_delivery_cpu(self) -> float:
+        return self.cpu / self.deliveries * 1e6
+
+    @property
+    def us_message_room(self) -> float:
+        """Wall µs per message until the room had handed it to every subscriber."""
+        return self.room_wall / self.k * 1e6
+
+    @property
+    def spread(self) -> float:
+        """(slowest - fastest) / median wall time of the timed rounds."""
+        walls = [s.wall for s in self.samples]
+        return (max(walls) - min(walls)) / self.wall
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "label": self.label,
+            "mode": self.mode,
+            "n": self.n,
+            "messages_per_round": self.k,
+            "deliveries_per_round": self.deliveries,
+            "median_wall_s": self.wall,
+            "median_cpu_s": self.cpu,
+            "median_room_wall_s": self.room_wall,
+            "deliveries_per_s_wall": self.rate,
+            "us_per_delivery_cpu": self.us_delivery_cpu,
+            "us_per_message_room": self.us_message_room,
+            "spread": self.spread,
+            "samples": [attrs.asdict(s) for s in self.samples],
+        }
+
+
+Mark = tuple[float, float]  # (perf_counter, process_time)
+Round = Callable[[], Awaitable[tuple[Mark, Mark]]]
+"""One round; returns the marks when the room had handled every message and
+when the consumers had everything (checking comes after, untimed)."""
+
+
+def _mark() -> Mark:
+    return time.perf_counter(), time.process_time()
+
+
+async def _timed_rounds(round_: Round, repeats: int, warmup: bool = True) -> tuple[Sample, ...]:
+    """Run ``round_`` once untimed (warm-up), then ``repeats`` times timed."""
+    if warmup:
+        await round_()
+    samples = []
+    for _ in range(repeats):
+        gc.collect()
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        (room_wall, room_cpu), (end_wall, end_cpu) = await round_()
+        samples.append(Sample(end_wall - wall0, end_cpu - cpu0, room_wall - wall0, room_cpu - cpu0))
+    return tuple(samples)
+
+
+def _room_config(n: int) -> RoomConfig:
+    # No rate limit (one publisher sends everything), room for everyone.
+    return RoomConfig(max_members=n + 1, rate_limit=0)
+
+
+async def _noop_notify(user_id: str, event: Event) -> None:
+    return None
+
+
+async def _send(room: Room, mode: str, k: int, content: str) -> None:
+    """Send k messages from ``publisher``; returns once the room handled them all."""
+    if mode == "ask":
+        send = room.send_message
+        for _ in range(k):
+            await send("publisher", content)
+    elif mode == "tell":
+        tell = room.ref.tell
+        message = SendMessage("publisher", content)
+        for _ in range(k):
+            await tell(message)
+        await room.statistics()  # FIFO: every message before it is handled
+    elif mode == "burst":
+        tell_nowait = room.ref.tell_nowait
+        message = SendMessage("publisher", content)
+        for start in range(0, k, BURST):
+            for _ in range(min(BURST, k - start)):
+                tell_nowait(message)
+            await room.statistics()  # FIFO barrier; keeps the mailbox from filling up
+    elif mode == "tasks":
+
+        async def sender(count: int) -> None:
+            send = room.send_message
+            for _ in range(count):
+                await send("publisher", content)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(SENDER_TASKS):
+                nursery.start_soon(sender, k // SENDER_TASKS + (1 if i < k % SENDER_TASKS else 0))
+    else:
+        raise ValueError(f"unknown send mode {mode!r}")
+
+
+def _check_seqs(seqs: list[int | None], first: int, k: int, who: str) -> None:
+    if seqs != list(range(first, first + k)):
+        raise AssertionError(f"{who} got seqs {seqs[:5]}...{seqs[-5:]} ({len(seqs)}), expected {first}..{first + k - 1}")
+
+
+# -- room -> outboxes -----------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _outbox_room(n: int, k: int, mode: str, content: str) -> AsyncIterator[Round]:
+    """A room with n members, each subscribed with its own outbox."""
+    store = InMemoryRoomStore()
+    async with open_supervisor(name="bench", max_restarts=0) as sup:
+        ref = await sup.start_child(RoomActor.spec("bench", _room_config(n), store, _noop_notify))
+        room = Room("bench", ref, timeout=None)
+        await room.join("publisher", "publisher")
+        # Members first (nobody is subscribed yet, so joins deliver nothing),
+        # then their outboxes; each subscription sends everyone a presence
+        # event, so outboxes are drained as we go (set-up is O(N^2) anyway).
+        for i in range(n):
+            await room.join(f"u{i}", f"user {i}")
+        outboxes = [Outbox(max_events=k + SETUP_DRAIN + 16, max_bytes=1 << 30, connection_id=f"c{i}", user_id=f"u{i}") for i in range(n)]
+        for i, outbox in enumerate(outboxes):
+            await room.subscribe(outbox)
+            if i % SETUP_DRAIN == SETUP_DRAIN - 1:
+                for drained in outboxes[:i]:
+                    drained.get_batch_nowait()
+        for outbox in outboxes:
+            outbox.get_batch_nowait()
+        before = await room.statistics()
+        deliveries = before.deliveries
+
+        last_seq = before.last_seq
+
+        async def one_round() -> tuple[Mark, Mark]:
+            nonlocal deliveries, last_seq
+            first = last_seq + 1
+            await _send(room, mode, k, content)
+            room_done = _mark()
+            batches = [outbox.get_batch_nowait() for outbox in outboxes]
+            end = _mark()
+            reference = batches[0]
+            _check_seqs([e.seq for e in reference], first, k, "subscriber 0")
+            assert all(e.type == MESSAGE for e in reference)
+            for i, batch in enumerate(batches):
+                if batch != reference:  # identity first: the same Event objects
+                    raise AssertionError(f"subscriber {i} got {len(batch)} events, not the {k} the others got")
+            stats = await room.statistics()
+            assert stats.deliveries - deliveries == n * k, stats
+            assert stats.refused_deliveries == 0, stats
+            deliveries, last_seq = stats.deliveries, stats.last_seq
+            return room_done, end
+
+        yield one_round
+        for outbox in outboxes:
+            s = outbox.statistics()
+            assert (s.overflowed, s.refused, s.dropped, s.depth) == (False, 0, 0, 0), s
+
+
+async def room_outbox(n: int, k: int, repeats: int, *, mode: str = "tell", warmup: bool = True, content: str = "hello, room") -> Result:
+    async with _outbox_room(n, k, mode, content) as one_round:
+        samples = await _timed_rounds(one_round, repeats, warmup)
+    return Result(scenario="outbox", label=f"room -> outboxes ({mode})", mode=mode, n=n, k=k, samples=samples)
+
+
+# -- end to end through the hub -------------------------------------------------------
+
+
+@asynccontextmanager
+async def _hub_room(n: int, k: int, mode: str, content: str, batch_frames: bool) -> AsyncIterator[Round]:
+    config = HubConfig(
+        room=_room_config(n),
+        max_connections=n + 16,
+        outbox_max_events=k + 2 * n + 16,  # the joins of everyone else queue up too
+        outbox_max_bytes=1 << 30,
+    )
+    async with open_hub(config) as hub:
+        hub.connections.batch_frames = batch_frames
+        room = await hub.room("bench")
+        room = Room("bench", room.ref, timeout=None)
+        await room.join("publisher", "publisher")
+        transports = [MemoryTransport() for _ in range(n)]
+        connection_ids = []
+        for i, transport in enumerate(transports):
+            info = await hub.connect(transport, f"u{i}")
+            await hub.join_room(info.connection_id, "bench")
+            connection_ids.append(info.connection_id)
+        await trio.testing.wait_all_tasks_blocked()
+        for transport in transports:
+            transport.sent.clear()  # joins and presence
+
+        last_seq = (await room.statistics()).last_seq
+
+        async def one_round() -> tuple[Mark, Mark]:
+            nonlocal last_seq
+            first = last_seq + 1
+            await _send(room, mode, k, content)
+            room_done = _mark()
+            await trio.testing.wait_all_tasks_blocked()
+            end = _mark()
+            sent = [transport.sent for transport in transports]
+            reference = sent[0]
+            if batch_frames or len(reference) != k:
+                for i, transport in enumerate(transports):
+                    _check_seqs([e.get("seq") for e in transport.events], first, k, f"connection {i}")
+            else:
+                _check_seqs([json.loads(frame)["seq"] for frame in reference], first, k, "connection 0")
+                for i, frames in enumerate(sent):
+                    if frames != reference:  # the same shared bytes objects
+                        _check_seqs([json.loads(frame)["seq"] for frame in frames], first, k, f"connection {i}")
+            for transport in transports:
+                assert not transport.closed
+                transport.sent.clear()
+            last_seq = first + k - 1
+            return room_done, end
+
+        yield one_round
+        stats = hub.connections.statistics()
+        assert (stats.slow_consumers, stats.transport_errors, stats.crashes) == (0, 0, 0), stats
+        for cid in connection_ids:
+            s = hub.connections.outbox_statistics(cid)
+            assert s is not None, cid
+            assert (s.overflowed, s.refused, s.dropped) == (False, 0, 0), s
+
+
+async def hub_end_to_end(
+    n: int, k: int, repeats: int, *, mode: str = "tell", batch_frames: bool = False, warmup: bool = True, content: str = "hello, room"
+) -> Result:
+    async with _hub_room(n, k, mode, content, batch_frames) as one_round:
+        samples = await _timed_rounds(one_round, repeats, warmup)
+    how = "batch frames" if batch_frames else "frame per event"
+    return Result(
+        scenario="hub_batch" if batch_frames else "hub", label=f"hub, MemoryTransport ({how}, {mode})", mode=mode, n=n, k=k, samples=samples
+    )
+
+
+# -- running everything -------------------------------------------------------------------
+
+SCENARIOS = ("outbox", "modes", "hub")
+
+
+def run_all(sizes: Sizes, only: Sequence[str] = SCENARIOS, log: Callable[[str], None] = print) -> list[Result]:
+    """Run the selected scenarios, each in its own ``trio.run``."""
+    results: list[Result] = []
+
+    def run(fn: Callable[..., Awaitable[Result]], *args: Any, **kwargs: Any) -> None:
+        result = trio.run(lambda: fn(*args, **kwargs))
+        log(f"  {result.label:<48} N={result.n:<6} {result.rate:>12,.0f} deliveries/s  {result.us_message_room:8.1f} µs/message (room)")
+        results.append(result)
+
+    if "outbox" in only:
+        for n, k in sizes.outbox:
+            run(room_outbox, n, k, sizes.repeats, mode="tell")
+        for n, k in sizes.ask:
+            run(room_outbox, n, k, sizes.repeats, mode="ask")
+    if "modes" in only:
+        for mode in ("burst", "tasks"):
+            run(room_outbox, sizes.modes_n, sizes.modes_k, sizes.repeats, mode=mode)
+    if "hub" in only:
+        for n, k in sizes.hub:
+            for mode in ("tell", "burst"):
+                for batch_frames in (False, True):
+                    run(hub_end_to_end, n, k, sizes.repeats, mode=mode, batch_frames=batch_frames)
+    return results
+
+
+@attrs.frozen
+class Verdict:
+    target: str
+    measured: str
+    ratio: float  # measured relative to the target; >= 1.0 passes
+    passed: bool
+
+
+@attrs.frozen
+class Fit:
+    """Room cost per message = fixed + per_recipient x N (least squares, wall µs)."""
+
+    mode: str
+    fixed_us: float
+    per_recipient_us: float
+    points: tuple[tuple[int, float], ...]  # (N, µs per message)
+
+    def residuals(self) -> list[float]:
+        """Each point's deviation from the fit, relative."""
+        return [(us - (self.fixed_us + self.per_recipient_us * n)) / us for n, us in self.points]
+
+
+def fit_costs(results: Sequence[Result], mode: str) -> Fit | None:
+    points = sorted((r.n, r.us_message_room) for r in results if r.scenario == "outbox" and r.mode == mode)
+    if len(points) < 2:
+        return None
+    xs = [float(n) for n, _ in points]
+    ys = [us for _, us in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+    return Fit(mode=mode, fixed_us=my - slope * mx, per_recipient_us=slope, points=tuple(points))
+
+
+def check_targets(results: Sequence[Result]) -> list[Verdict]:
+    verdicts = []
+    for r in results:
+        if r.n != TARGET_N:
+            continue
+        verdicts.append(
+            Verdict(
+                target=f"{r.label}, N={r.n}: >= {TARGET_RATE:,} deliveries/s",
+                measured=f"{r.rate:,.0f} deliveries/s ({r.us_delivery_cpu:.3f} µs CPU/delivery)",
+                ratio=r.rate / TARGET_RATE,
+                passed=r.rate >= TARGET_RATE,
+            )
+        )
+    return verdicts
+
+
+def busy_cpus(seconds: float = 1.0) -> float | None:
+    """How many CPUs other processes kept busy over ``seconds`` (from /proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    memory = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
+            memory = f"{kib / 2**20:.1f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory": memory,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "trio": trio.__version__,
+        "attrs": attrs.__version__,
+        "busy_cpus_before": busy_cpus(),
+    }
+
+
+def format_table(results: Sequence[Result]) -> str:
+    header = ("scenario", "N", "messages", "deliveries/s (wall)", "µs CPU/delivery", "room µs/message", "spread")
+    rows = [
+        (
+            r.label,
+            f"{r.n:,}",
+            f"{r.k:,}",
+            f"{r.rate:,.0f}",
+            f"{r.us_delivery_cpu:.3f}",
+            f"{r.us_message_room:.1f}",
+            f"{r.spread:.0%}",
+        )
+        for r in results
+    ]
+    return _markdown(header, rows, right=range(1, 7))
+
+
+def format_fits(fits: Sequence[Fit]) -> str:
+    header = ("send mode", "fixed µs/message", "µs per recipient", "points (N: µs/message, deviation from fit)")
+    rows = [
+        (
+            f.mode,
+            f"{f.fixed_us:.1f}",
+            f"{f.per_recipient_us:.3f}",
+            "; ".join(f"{n:,}: {us:,.1f} ({dev:+.0%})" for (n, us), dev in zip(f.points, f.residuals(), strict=True)),
+        )
+        for f in fits
+    ]
+    return _markdown(header, rows, right=(1, 2))
+
+
+def format_verdicts(verdicts: Sequence[Verdict]) -> str:
+    header = ("target", "measured", "result")
+    rows = [(v.target, v.measured, f"{'PASS' if v.passed else 'MISS'} ({v.ratio:.2f}x of target)") for v in verdicts]
+    return _markdown(header, rows, right=())
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] | range) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
+
+    def line(cells: Sequence[str]) -> str:
+        return (
+            "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+        )
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def profile(n: int, k: int, mode: str, scenario: str, top: int = 25) -> None:
+    """Print a cProfile of one round (after a warm-up round)."""
+
+    async def main() -> None:
+        context = _outbox_room(n, k, mode, "hello, room") if scenario == "outbox" else _hub_room(n, k, mode, "hello, room", False)
+        async with context as one_round:
+            await one_round()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            await one_round()
+            profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+    trio.run(main)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one timed round")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--only", choices=SCENARIOS, action="append", help="run only these scenarios (repeatable)")
+    parser.add_argument("--repeats", type=int, help="timed rounds per scenario (default 5, 1 with --quick)")
+    parser.add_argument("--profile", type=int, metavar="N", help="print a cProfile of one round with N subscribers and exit")
+    parser.add_argument("--profile-mode", choices=MODES, default="tell")
+    parser.add_argument("--profile-k", type=int, default=1000, help="messages in the profiled round")
+    parser.add_argument("--profile-scenario", choices=("outbox", "hub"), default="outbox")
+    args = parser.parse_args(argv)
+    if args.profile:
+        profile(args.profile, args.profile_k, args.profile_mode, args.profile_scenario)
+        return 0
+    sizes = QUICK if args.quick else FULL
+    if args.repeats is not None:
+        sizes = attrs.evolve(sizes, repeats=args.repeats)
+    only = tuple(args.only or SCENARIOS)
+
+    info = machine_info()
+    print(f"ensemble room benchmark ({'quick' if args.quick else 'full'}; median of {sizes.repeats} timed rounds after a warm-up)")
+    print(
+        f"  {info['cpu']}, {info['nproc']} CPUs, {info['memory']}; {info['implementation']} {info['python']}, trio {info['trio']}, attrs {info['attrs']}"
+    )
+    busy = info["busy_cpus_before"]
+    if busy is not None:
+        warning = "  (WARNING: the machine is busy; figures will be noisy)" if busy > 0.2 else ""
+        print(f"  other processes kept {busy:.2f} CPUs busy just before the run{warning}")
+    results = run_all(sizes, only)
+    fits = [fit for fit in (fit_costs(results, mode) for mode in ("tell", "ask")) if fit is not None]
+    verdicts = check_targets(results)
+
+    print()
+    print(format_table(results))
+    if fits:
+        print()
+        print(format_fits(fits))
+    if verdicts:
+        print()
+        print(format_verdicts(verdicts))
+    if args.json:
+        payload = {
+            "machine": info,
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "sizes": attrs.asdict(sizes),
+            "results": [r.as_dict() for r in results],
+            "cost_fits": [attrs.asdict(f) for f in fits],
+            "targets": [attrs.asdict(v) for v in verdicts],
+        }
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
