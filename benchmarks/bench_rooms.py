@@ -418,29 +418,23 @@ class Verdict:
 
 
 @attrs.frozen
-class Fit:
-    """Room cost per message = fixed + per_recipient x N (least squares, wall µs)."""
+class Cost:
+    """The room's wall µs per message at each N, split into a fixed part (the
+    cost at the smallest N, normally 1 subscriber) and the marginal cost per
+    extra recipient (the hand-off) at each larger N."""
 
     mode: str
     fixed_us: float
-    per_recipient_us: float
-    points: tuple[tuple[int, float], ...]  # (N, µs per message)
-
-    def residuals(self) -> list[float]:
-        """Each point's deviation from the fit, relative."""
-        return [(us - (self.fixed_us + self.per_recipient_us * n)) / us for n, us in self.points]
+    fixed_n: int
+    points: tuple[tuple[int, float, float], ...]  # (N, µs per message, marginal µs per recipient)
 
 
-def fit_costs(results: Sequence[Result], mode: str) -> Fit | None:
+def room_costs(results: Sequence[Result], mode: str) -> Cost | None:
     points = sorted((r.n, r.us_message_room) for r in results if r.scenario == "outbox" and r.mode == mode)
     if len(points) < 2:
         return None
-    xs = [float(n) for n, _ in points]
-    ys = [us for _, us in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
-    return Fit(mode=mode, fixed_us=my - slope * mx, per_recipient_us=slope, points=tuple(points))
+    n0, us0 = points[0]
+    return Cost(mode=mode, fixed_us=us0, fixed_n=n0, points=tuple((n, us, (us - us0) / (n - n0)) for n, us in points[1:]))
 
 
 def check_targets(results: Sequence[Result]) -> list[Verdict]:
@@ -518,18 +512,14 @@ def format_table(results: Sequence[Result]) -> str:
     return _markdown(header, rows, right=range(1, 7))
 
 
-def format_fits(fits: Sequence[Fit]) -> str:
-    header = ("send mode", "fixed µs/message", "µs per recipient", "points (N: µs/message, deviation from fit)")
+def format_costs(costs: Sequence[Cost]) -> str:
+    header = ("send mode", "µs/message at N=1", "N", "µs/message", "marginal µs per recipient")
     rows = [
-        (
-            f.mode,
-            f"{f.fixed_us:.1f}",
-            f"{f.per_recipient_us:.3f}",
-            "; ".join(f"{n:,}: {us:,.1f} ({dev:+.0%})" for (n, us), dev in zip(f.points, f.residuals(), strict=True)),
-        )
-        for f in fits
+        (c.mode, f"{c.fixed_us:.1f}" if i == 0 else "", f"{n:,}", f"{us:,.1f}", f"{per:.3f}")
+        for c in costs
+        for i, (n, us, per) in enumerate(c.points)
     ]
-    return _markdown(header, rows, right=(1, 2))
+    return _markdown(header, rows, right=(1, 2, 3, 4))
 
 
 def format_verdicts(verdicts: Sequence[Verdict]) -> str:
@@ -576,7 +566,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile-mode", choices=MODES, default="tell")
     parser.add_argument("--profile-k", type=int, default=1000, help="messages in the profiled round")
     parser.add_argument("--profile-scenario", choices=("outbox", "hub"), default="outbox")
+    parser.add_argument(
+        "--report", metavar="PATH", help="re-print the tables of a JSON file written by --json (and refresh its derived parts)"
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            report(json.load(f), args.report)
+        return 0
     if args.profile:
         profile(args.profile, args.profile_k, args.profile_mode, args.profile_scenario)
         return 0
@@ -595,30 +592,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         warning = "  (WARNING: the machine is busy; figures will be noisy)" if busy > 0.2 else ""
         print(f"  other processes kept {busy:.2f} CPUs busy just before the run{warning}")
     results = run_all(sizes, only)
-    fits = [fit for fit in (fit_costs(results, mode) for mode in ("tell", "ask")) if fit is not None]
-    verdicts = check_targets(results)
+    payload = {
+        "machine": info,
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "sizes": attrs.asdict(sizes),
+        "results": [r.as_dict() for r in results],
+    }
+    report(payload, args.json)
+    return 0
 
+
+def report(payload: dict[str, Any], path: str | None) -> None:
+    """Print the tables of a run (derived from its samples) and write its JSON."""
+    results = [
+        Result(
+            scenario=r["scenario"],
+            label=r["label"],
+            mode=r["mode"],
+            n=r["n"],
+            k=r["messages_per_round"],
+            samples=tuple(Sample(**s) for s in r["samples"]),
+        )
+        for r in payload["results"]
+    ]
+    costs = [cost for cost in (room_costs(results, mode) for mode in ("tell", "ask")) if cost is not None]
+    verdicts = check_targets(results)
     print()
     print(format_table(results))
-    if fits:
+    if costs:
         print()
-        print(format_fits(fits))
+        print(format_costs(costs))
     if verdicts:
         print()
         print(format_verdicts(verdicts))
-    if args.json:
-        payload = {
-            "machine": info,
-            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-            "sizes": attrs.asdict(sizes),
-            "results": [r.as_dict() for r in results],
-            "cost_fits": [attrs.asdict(f) for f in fits],
-            "targets": [attrs.asdict(v) for v in verdicts],
-        }
-        with open(args.json, "w") as f:
+    if path:
+        payload = {**payload, "room_costs": [attrs.asdict(c) for c in costs], "targets": [attrs.asdict(v) for v in verdicts]}
+        payload.pop("cost_fits", None)
+        with open(path, "w") as f:
             json.dump(payload, f, indent=2)
-        print(f"\nwrote {args.json}")
-    return 0
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -58,11 +58,13 @@ def test_run_all_fits_and_report(bench: ModuleType, tmp_path: Path, monkeypatch:
     assert {r.scenario for r in results} == {"outbox", "hub", "hub_batch"}
     assert all(r.wall > 0 and r.rate > 0 for r in results)
     assert "room -> outboxes" in bench.format_table(results)
-    fits = [bench.fit_costs(results, mode) for mode in ("tell", "ask")]
-    assert all(fit is not None and len(fit.points) == 2 for fit in fits)
-    assert bench.format_fits(fits).count("|") > 0
+    costs = [bench.room_costs(results, mode) for mode in ("tell", "ask")]
+    assert all(cost is not None and cost.fixed_n == 1 and len(cost.points) == 1 for cost in costs)
+    assert bench.format_costs(costs).count("|") > 0
     assert bench.check_targets(results) == []  # no N=1000 at these sizes
     out = tmp_path / "rooms.json"
     monkeypatch.setattr(bench, "QUICK", tiny)
     assert bench.main(["--quick", "--only", "modes", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["results"]
+    assert bench.main(["--report", str(out)]) == 0
+    assert json.loads(out.read_text())["room_costs"] is not None
