@@ -15,14 +15,16 @@ from ensemble.realtime._connections import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
     CLOSE_NORMAL,
+    RATE_LIMITED,
     SLOW_CONSUMER,
     ConnectionManager,
     MemoryTransport,
     RoomStats,
 )
-from ensemble.realtime._errors import NotFound, TooManyConnections
+from ensemble.realtime._errors import NotAllowed, NotFound, RateLimited, TooManyConnections
 from ensemble.realtime._events import Event
 from ensemble.realtime._models import ConnectionInfo
+from ensemble.realtime._ratelimit import WebSocketRateLimiter, WSRateLimitConfig
 from ensemble.testing import FaultInjector
 
 
@@ -498,3 +500,280 @@ async def test_online_and_offline_with_two_devices(supervisor: Supervisor, autoj
 def _deliver(manager: ConnectionManager, connection_id: str, event: Event) -> bool:
     subscriber = manager.get_subscriber(connection_id)
     return subscriber is not None and subscriber.deliver_nowait(event)
+
+
+# -- writing drained batches ------------------------------------------------------
+
+
+class FrameByFrameTransport(MemoryTransport):
+    """A transport without ``send_many``: one ``send`` per frame."""
+
+    send_many = None  # type: ignore[assignment]
+
+
+class CountingTransport(MemoryTransport):
+    """Counts the calls of ``send`` and ``send_many``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    async def send(self, data: bytes) -> None:
+        self.calls.append(("send", 1))
+        await super().send(data)
+
+    async def send_many(self, frames: list[bytes]) -> None:
+        self.calls.append(("send_many", len(frames)))
+        await super().send_many(frames)
+
+
+async def _queue_while_blocked(manager: ConnectionManager, transport: MemoryTransport, count: int) -> str:
+    """Connect, block the transport on event 0, then queue events 1..count-1."""
+    info = await manager.connect(transport)
+    subscriber = manager.get_subscriber(info.connection_id)
+    assert subscriber is not None
+    transport.block()
+    subscriber.deliver_nowait(Event(type="message", topic="room:a", data={"n": 0}, seq=1, epoch="e"))
+    await settle()  # the actor is now blocked writing event 0
+    for n in range(1, count):
+        subscriber.deliver_nowait(Event(type="message", topic="room:a", data={"n": n}, seq=n + 1, epoch="e"))
+    return info.connection_id
+
+
+async def test_a_drained_batch_is_written_with_one_send_many(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    transport = CountingTransport()
+    await _queue_while_blocked(manager, transport, 6)
+    transport.unblock()
+    await settle()
+    assert transport.calls == [("send", 1), ("send_many", 5)]
+    # Still one frame per event, in order, each the event's shared bytes.
+    assert [event["data"]["n"] for event in transport.events] == [0, 1, 2, 3, 4, 5]
+    assert all(isinstance(frame, dict) for frame in transport.frames)
+
+
+async def test_max_batch_bounds_one_send_many(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor, max_batch=2)
+    transport = CountingTransport()
+    await _queue_while_blocked(manager, transport, 6)
+    transport.unblock()
+    await settle()
+    assert transport.calls == [("send", 1), ("send_many", 2), ("send_many", 2), ("send", 1)]
+    assert [event["data"]["n"] for event in transport.events] == [0, 1, 2, 3, 4, 5]
+
+
+async def test_a_transport_without_send_many_gets_one_send_per_frame(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    transport = FrameByFrameTransport()
+    await _queue_while_blocked(manager, transport, 4)
+    transport.unblock()
+    await settle()
+    assert len(transport.sent) == 4
+    assert [event["data"]["n"] for event in transport.events] == [0, 1, 2, 3]
+
+
+async def test_slow_consumer_positions_after_batched_writes(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    # Events 1-3 are written by one send_many; then the client stops reading.
+    manager = make_manager(supervisor, outbox_max_events=3)
+    transport = MemoryTransport()
+    await _queue_while_blocked(manager, transport, 3)
+    transport.unblock()
+    await settle()
+    assert len(transport.sent) == 3
+    subscriber = manager.get_subscriber(manager.get_all_connections()[0].connection_id)
+    assert subscriber is not None
+    transport.block()
+    for seq in range(4, 9):
+        subscriber.deliver_nowait(Event(type="message", topic="room:a", data={}, seq=seq, epoch="e"))
+        await settle()
+    assert transport.close_code == SLOW_CONSUMER
+    assert transport.close_reason is not None
+    assert json.loads(transport.close_reason)["positions"] == {"room:a": ["e", 3]}
+
+
+async def test_a_failing_send_many_closes_the_connection(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    manager = make_manager(supervisor, recorder)
+    transport = MemoryTransport()
+    connection_id = await _queue_while_blocked(manager, transport, 4)
+    transport.fail()
+    transport.unblock()
+    await settle()
+    assert transport.close_code == CLOSE_INTERNAL_ERROR
+    assert transport.close_reason == "send failed: BrokenResourceError"
+    assert transport.sent == []
+    assert recorder.disconnect_counts() == {connection_id: 1}
+
+
+# -- inbound messages ------------------------------------------------------------
+
+
+def limited_manager(supervisor: Supervisor, recorder: Recorder | None = None, **options: Any) -> ConnectionManager:
+    limiter = WebSocketRateLimiter(WSRateLimitConfig(messages_per_second=2, messages_per_minute=100, burst_size=2), clock=trio.current_time)
+    return make_manager(supervisor, recorder, rate_limiter=limiter, **options)
+
+
+async def test_receive_calls_the_handler_in_order_and_returns_its_answer(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    seen: list[tuple[str | None, Any]] = []
+
+    async def on_message(info: ConnectionInfo, data: Any) -> Any:
+        await trio.sleep(1)  # one at a time per connection, even when slow
+        seen.append((info.user_id, data))
+        return {"echo": data}
+
+    manager.on_message = on_message
+    info = await manager.connect(MemoryTransport(), user_id="alice")
+    answers: dict[int, Any] = {}
+
+    async def send(n: int) -> None:
+        answers[n] = await manager.receive(info.connection_id, n)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(5):
+            nursery.start_soon(send, n)
+            await trio.testing.wait_all_tasks_blocked()  # queued in this order
+    assert seen == [("alice", n) for n in range(5)]
+    assert answers == {n: {"echo": n} for n in range(5)}
+    assert trio.current_time() == pytest.approx(5.0)  # never two at once
+
+
+async def test_receive_errors(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    info = await manager.connect(MemoryTransport())
+    with pytest.raises(NotAllowed, match="on_message"):
+        await manager.receive(info.connection_id, "hi")
+
+    async def on_message(info: ConnectionInfo, data: Any) -> Any:
+        raise ValueError(f"bad input {data!r}")
+
+    manager.on_message = on_message
+    with pytest.raises(ValueError, match="bad input 'x'"):
+        await manager.receive(info.connection_id, "x")
+    assert manager.get_connection(info.connection_id) is not None  # a handler error is an answer, not a crash
+    assert manager.statistics().crashes == 0
+    with pytest.raises(NotFound):
+        await manager.receive("nope", "x")
+    await manager.disconnect(info.connection_id)
+    with pytest.raises(NotFound):
+        await manager.receive(info.connection_id, "x")
+
+
+async def test_inbound_rate_limit_rejects_then_closes(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    manager = limited_manager(supervisor, recorder, max_rate_violations=3)
+    handled: list[Any] = []
+
+    async def on_message(info: ConnectionInfo, data: Any) -> Any:
+        handled.append(data)
+
+    manager.on_message = on_message
+    transport = MemoryTransport()
+    other = MemoryTransport()
+    info = await manager.connect(transport, user_id="spammer")
+    other_info = await manager.connect(other, user_id="calm")
+    await manager.receive(info.connection_id, 1)
+    await manager.receive(info.connection_id, 2)
+    with pytest.raises(RateLimited) as limited:
+        await manager.receive(info.connection_id, 3)
+    assert limited.value.retry_after > 0
+    await trio.sleep(limited.value.retry_after)
+    await manager.receive(info.connection_id, 4)  # an accepted message resets the count of violations
+    # Within the same virtual instant: accepted until the windows are full,
+    # then two refusals leave it open and the third closes it.
+    accepted = 0
+    while True:
+        try:
+            await manager.receive(info.connection_id, "x")
+        except RateLimited:
+            break
+        accepted += 1
+        assert accepted < 5
+    with pytest.raises(RateLimited):
+        await manager.receive(info.connection_id, "x")
+    assert manager.get_connection(info.connection_id) is not None
+    with pytest.raises(RateLimited, match="closed"):
+        await manager.receive(info.connection_id, "x")
+    assert transport.close_code == RATE_LIMITED
+    assert transport.close_reason == "rate limited"
+    assert manager.get_connection(info.connection_id) is None
+    assert recorder.disconnect_counts() == {info.connection_id: 1}
+    assert handled == [1, 2, 4] + ["x"] * accepted
+    assert manager.statistics().rate_limited == 4
+    with pytest.raises(NotFound):
+        await manager.receive(info.connection_id, "x")
+    # Another connection was never limited by the spammer.
+    await manager.receive(other_info.connection_id, "fine")
+    assert handled[-1] == "fine"
+    assert manager.rate_limiter is not None
+    assert manager.rate_limiter.statistics().tracked == 1  # the closed connection's state is gone
+
+
+async def test_rate_limit_without_closing(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = limited_manager(supervisor, max_rate_violations=None)
+
+    async def on_message(info: ConnectionInfo, data: Any) -> Any:
+        return data
+
+    manager.on_message = on_message
+    info = await manager.connect(MemoryTransport())
+    refused = 0
+    for n in range(50):
+        try:
+            await manager.receive(info.connection_id, n)
+        except RateLimited:
+            refused += 1
+    assert refused == 48
+    assert manager.get_connection(info.connection_id) is not None
+    with pytest.raises(ValueError, match="max_rate_violations"):
+        make_manager(supervisor, max_rate_violations=0)
+
+
+async def test_a_handler_may_disconnect_its_own_connection(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    manager = make_manager(supervisor, recorder)
+
+    async def on_message(info: ConnectionInfo, data: Any) -> Any:
+        await manager.send_to_connection(info.connection_id, {"bye": True})
+        return await manager.disconnect(info.connection_id, code=4000, reason="quit")
+
+    manager.on_message = on_message
+    transport = MemoryTransport()
+    info = await manager.connect(transport)
+    with trio.fail_after(1):  # not a wait for itself until close_timeout
+        assert await manager.receive(info.connection_id, "quit") is True
+    assert transport.close_code == 4000
+    assert transport.close_reason == "quit"
+    assert [event["data"] for event in transport.events] == [{"bye": True}]
+    assert recorder.disconnect_counts() == {info.connection_id: 1}
+    await settle()
+    assert manager.supervisor.which_children() == []
+
+
+async def test_inbound_backpressure(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    gate = trio.Event()
+
+    async def on_message(info: ConnectionInfo, data: Any) -> Any:
+        await gate.wait()
+
+    manager.on_message = on_message
+    info = await manager.connect(MemoryTransport())
+    done = 0
+
+    async def send() -> None:
+        nonlocal done
+        await manager.receive(info.connection_id, "x")
+        done += 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(40):
+            nursery.start_soon(send)
+        await settle()
+        ref = manager.connection_ref(info.connection_id)
+        assert ref is not None
+        stats = ref.statistics()
+        # One in the handler, 16 queued, the rest wait to enqueue: nothing dropped.
+        assert (stats.mailbox_depth, stats.blocked_senders, stats.refused) == (16, 23, 0)
+        gate.set()
+    assert done == 40

@@ -9,9 +9,13 @@ the manager) that owns the connection's :class:`Outbox` and is the only task
 writing to its transport. The fan-out path never waits: it calls
 :meth:`Outbox.deliver_nowait`, and when the outbox goes from empty to
 non-empty, the connection tells itself :class:`Flush` (coalesced by a
-``keep_latest`` mailbox policy). Handling ``Flush`` drains the outbox and
-awaits ``transport.send`` for each event's ``encoded`` bytes (or one frame per
-batch, a JSON array, with ``batch_frames=True``).
+``keep_latest`` mailbox policy). Handling ``Flush`` drains the outbox (up to
+``max_batch`` events at a time) and writes what it took with one call: each
+event is its own frame, the event's shared ``encoded`` bytes, written with
+``transport.send_many(frames)`` when the transport has it (one await per
+drained batch, not per event; a WebSocket transport frames them all and does
+one socket write), else with ``transport.send`` per frame; or as one frame
+holding a JSON array with ``batch_frames=True``.
 
 A connection is closed, and removed, exactly once whatever the cause, and
 ``on_disconnect`` runs exactly once for it:
@@ -23,6 +27,7 @@ Cause                      Close code                     Reason
 ``disconnect_all()``       :data:`CLOSE_GOING_AWAY` 1001  ``"server shutting down"``
 supervisor shutdown        :data:`CLOSE_GOING_AWAY` 1001  ``"server shutting down"``
 slow consumer (overflow)   :data:`SLOW_CONSUMER` 4008     JSON, see below
+inbound rate limit         :data:`RATE_LIMITED` 4029      ``"rate limited"``
 ``transport.send`` raised  :data:`CLOSE_INTERNAL_ERROR`   ``"send failed: ..."``
 actor crash                :data:`CLOSE_INTERNAL_ERROR`   ``"internal error"``
 ========================== ============================== ============================
@@ -51,10 +56,11 @@ import attrs
 import trio
 
 from ..actors import Actor, ActorError, ActorRef, ActorStopped, ChildSpec, MailboxConfig, Supervisor
-from ._errors import NotFound, TooManyConnections
+from ._errors import NotAllowed, NotFound, RateLimited, TooManyConnections
 from ._events import Event, Subscriber
 from ._models import ConnectionInfo
 from ._outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_EVENTS, Outbox, OutboxStatistics, Positions
+from ._ratelimit import WebSocketRateLimiter
 
 logger = logging.getLogger("ensemble.realtime")
 
@@ -66,16 +72,26 @@ CLOSE_INTERNAL_ERROR: Final = 1011
 """Close code after a crash of the connection actor or a failed send."""
 SLOW_CONSUMER: Final = 4008
 """Close code when the connection's outbox overflowed (a slow client)."""
+RATE_LIMITED: Final = 4029
+"""Close code when a client kept sending over its inbound rate limit."""
 
 DATA: Final = "data"
 """The event type of :meth:`ConnectionManager.send_to_connection` and friends."""
 
 Hook = Callable[[ConnectionInfo], Awaitable[None]]
 UserHook = Callable[[str], Awaitable[None]]
+InboundHandler = Callable[[ConnectionInfo, Any], Awaitable[Any]]
+"""Handles one inbound message of a connection; its result is the reply."""
 
 
 class Transport(Protocol):
-    """What a connection writes to (a WebSocket, or :class:`MemoryTransport`)."""
+    """What a connection writes to (a WebSocket, or :class:`MemoryTransport`).
+
+    A transport may also offer ``async def send_many(self, frames: list[bytes])``
+    (see :class:`BatchTransport`): the connection then writes everything it
+    drained from its outbox with one call, each event still its own frame
+    (a WebSocket transport frames them all and does one socket write).
+    """
 
     async def send(self, data: bytes) -> None:
         """Write one frame."""
@@ -83,6 +99,18 @@ class Transport(Protocol):
 
     async def close(self, code: int, reason: str) -> None:
         """Close the connection with a close code and reason."""
+        ...
+
+
+class BatchTransport(Transport, Protocol):
+    """A :class:`Transport` that writes several frames with one call."""
+
+    async def send_many(self, frames: list[bytes]) -> None:
+        """Write ``frames``, in order, each as its own frame.
+
+        The transport must not keep a reference to the list itself after
+        returning (the caller may reuse it); the frames (``bytes``) it may keep.
+        """
         ...
 
 
@@ -181,6 +209,28 @@ class MemoryTransport:
             raise self._error
         self.sent.append(data)
 
+    async def send_many(self, frames: list[bytes]) -> None:
+        """Record several frames with one call (after any block or delay).
+
+        One checkpoint (or one ``slow_down`` delay) per call, not per frame:
+        like a socket transport that writes a drained batch in one write.
+
+        Raises:
+            TransportClosed: The transport is closed.
+            BaseException: The error given to :meth:`fail`.
+        """
+        if self._delay:
+            await trio.sleep(self._delay)
+        else:
+            await trio.lowlevel.checkpoint()
+        while self._gate is not None and not self._closed:
+            await self._gate.wait()
+        if self.closed:
+            raise TransportClosed("the transport is closed")
+        if self._error is not None:
+            raise self._error
+        self.sent.extend(frames)
+
     async def close(self, code: int, reason: str) -> None:
         """Close the transport (only the first close code and reason count)."""
         await trio.lowlevel.checkpoint()
@@ -205,6 +255,20 @@ FLUSH: Final = Flush()
 class _Close:
     code: int
     reason: str
+
+
+@attrs.frozen
+class _Inbound:
+    data: Any
+
+
+class _Rejected(Exception):
+    """Carries an inbound message's error from the connection actor to the
+    caller of :meth:`ConnectionManager.receive` (a rejection, not a crash)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 @attrs.frozen(kw_only=True)
@@ -238,6 +302,7 @@ class ConnectionManagerStatistics:
         transport_errors: Connections closed because a send failed.
         crashes: Connections closed because their actor crashed.
         hook_errors: Exceptions raised by hooks and callbacks (logged).
+        rate_limited: Inbound messages refused by the rate limit.
     """
 
     connections: int
@@ -249,6 +314,7 @@ class ConnectionManagerStatistics:
     transport_errors: int
     crashes: int
     hook_errors: int
+    rate_limited: int
 
 
 @attrs.define(eq=False)
@@ -269,6 +335,9 @@ class _Connection:
     send_scope: trio.CancelScope | None = None
     overflow_positions: Positions | None = None
     sent_positions: Positions = attrs.field(factory=dict)
+    task: trio.lowlevel.Task | None = None
+    close_itself: Callable[[int, str], Awaitable[None]] | None = None
+    rate_violations: int = 0
 
     def info(self) -> ConnectionInfo:
         return ConnectionInfo(
@@ -298,7 +367,10 @@ class _Connection:
 class _ConnectionActor(Actor):
     """Writes one connection's outbox to its transport."""
 
-    mailbox = MailboxConfig(size=16, overflow="fail", per_type={Flush: "keep_latest"})
+    # Inbound messages block their sender (the transport's reader) when 16
+    # are queued: backpressure to the socket, never an unbounded queue.
+    mailbox = MailboxConfig(size=16, overflow="fail", per_type={Flush: "keep_latest", _Inbound: "block"})
+    expected_exceptions = (_Rejected,)
 
     def __init__(self, manager: ConnectionManager, connection: _Connection) -> None:
         self._manager = manager
@@ -306,17 +378,18 @@ class _ConnectionActor(Actor):
 
     async def on_start(self) -> None:
         self._conn.ref = self.ref
+        self._conn.task = trio.lowlevel.current_task()
+        self._conn.close_itself = self._close
         if self._conn.outbox:
             self.ref.tell_nowait(FLUSH)
 
     async def receive(self, message: Any) -> Any:
         if isinstance(message, Flush):
             await self._flush()
+        elif isinstance(message, _Inbound):
+            return await self._inbound(message.data)
         elif isinstance(message, _Close):
-            self._conn.outbox.close()  # refuse new events; write the queued ones
-            await self._flush()
-            await self._manager._finish(self._conn, message.code, message.reason)
-            self.stop()
+            await self._close(message.code, message.reason)
         else:
             raise TypeError(f"unexpected message for connection {self._conn.connection_id}: {message!r}")
 
@@ -334,6 +407,38 @@ class _ConnectionActor(Actor):
         else:
             await self._manager._finish(conn, CLOSE_GOING_AWAY, "server shutting down")
 
+    async def _close(self, code: int, reason: str) -> None:
+        self._conn.outbox.close()  # refuse new events; write the queued ones
+        await self._flush()
+        await self._manager._finish(self._conn, code, reason)
+        self.stop()
+
+    async def _inbound(self, data: Any) -> Any:
+        conn = self._conn
+        manager = self._manager
+        if conn.finishing:
+            raise _Rejected(NotFound(f"connection {conn.connection_id!r} is closing"))
+        limiter = manager.rate_limiter
+        if limiter is not None and not limiter.check(conn.connection_id):
+            conn.rate_violations += 1
+            manager._rate_limited += 1
+            retry_after = limiter.retry_after(conn.connection_id)
+            limit = manager.max_rate_violations
+            if limit is not None and conn.rate_violations >= limit:
+                logger.info("connection %s kept sending over its rate limit; closing it with %d", conn.connection_id, RATE_LIMITED)
+                await self._close(RATE_LIMITED, "rate limited")
+                raise _Rejected(RateLimited("rate limited: the connection is closed", retry_after=retry_after))
+            raise _Rejected(RateLimited(f"rate limited: retry after {retry_after:.3f} s", retry_after=retry_after))
+        conn.rate_violations = 0
+        handler = manager.on_message
+        if handler is None:
+            raise _Rejected(NotAllowed("this connection accepts no inbound messages (no on_message handler)"))
+        try:
+            return await handler(conn.info(), data)
+        except Exception as exc:
+            # The handler's error is the caller's answer; the connection stays.
+            raise _Rejected(exc) from None
+
     def _crashed(self) -> bool:
         stats = self.ref.statistics()
         return stats.state == "restarting"
@@ -343,6 +448,7 @@ class _ConnectionActor(Actor):
         outbox = conn.outbox
         manager = self._manager
         transport = conn.transport
+        send_many = getattr(transport, "send_many", None)
         positions = conn.sent_positions
         while not conn.finishing:
             if outbox.overflowed:
@@ -354,16 +460,19 @@ class _ConnectionActor(Actor):
             with trio.CancelScope() as scope:
                 conn.send_scope = scope
                 try:
-                    if manager.batch_frames and len(batch) > 1:
-                        await transport.send(b"[" + b",".join(event.encoded for event in batch) + b"]")
-                        for event in batch:
-                            if event.seq is not None:
-                                positions[event.topic] = (event.epoch or "", event.seq)
+                    if len(batch) == 1:
+                        await transport.send(batch[0].encoded)
+                    elif manager.batch_frames:
+                        await transport.send(b"[" + b",".join([event.encoded for event in batch]) + b"]")
+                    elif send_many is not None:
+                        await send_many([event.encoded for event in batch])
                     else:
                         for event in batch:
                             await transport.send(event.encoded)
                             if event.seq is not None:
                                 positions[event.topic] = (event.epoch or "", event.seq)
+                        continue  # positions recorded frame by frame (a cancel skips this)
+                    _written(positions, batch)
                 except Exception as exc:
                     conn.send_scope = None
                     if conn.finishing:
@@ -414,7 +523,14 @@ class ConnectionManager:
         outbox_max_bytes: Each connection's outbox bound in encoded bytes.
         batch_frames: Write each drained batch of several events as one
             frame (a JSON array) instead of one frame per event.
-        max_batch: Most events taken from an outbox per batch.
+        max_batch: Most events taken from an outbox per batch (and
+            written with one ``send_many``).
+        rate_limiter: Checked on every inbound message (:meth:`receive`);
+            ``None`` for no inbound limit.
+        max_rate_violations: Inbound messages over the rate limit in a row
+            (without an accepted one between) after which the connection is
+            closed with :data:`RATE_LIMITED`; the earlier ones only raise
+            :class:`RateLimited` to the caller. ``None``: never close.
         close_timeout: Seconds a graceful close may take (draining the outbox,
             ``transport.close``) before the connection is closed by force.
         on_user_online: Awaited when a user's first connection opens.
@@ -433,6 +549,9 @@ class ConnectionManager:
         on_disconnect: Awaited with the :class:`ConnectionInfo` of a closed
             connection, exactly once per connection whatever the cause
             (errors are logged).
+        on_message: Handles the inbound messages given to :meth:`receive`,
+            one at a time per connection, inside the connection's actor;
+            what it returns (or raises) is the answer to ``receive``.
     """
 
     def __init__(
@@ -446,6 +565,8 @@ class ConnectionManager:
         outbox_max_bytes: int = DEFAULT_MAX_BYTES,
         batch_frames: bool = False,
         max_batch: int = 256,
+        rate_limiter: WebSocketRateLimiter | None = None,
+        max_rate_violations: int | None = 3,
         close_timeout: float = 5.0,
         on_user_online: UserHook | None = None,
         on_user_offline: UserHook | None = None,
@@ -461,6 +582,8 @@ class ConnectionManager:
             raise ValueError(f"close_timeout must be >= 0, got {close_timeout}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_rate_violations is not None and max_rate_violations < 1:
+            raise ValueError(f"max_rate_violations must be at least 1 or None, got {max_rate_violations}")
         if outbox_max_events < 1 or outbox_max_bytes < 1:
             raise ValueError("outbox_max_events and outbox_max_bytes must be at least 1")
         self.supervisor = supervisor
@@ -471,6 +594,8 @@ class ConnectionManager:
         self.outbox_max_bytes = outbox_max_bytes
         self.batch_frames = batch_frames
         self.max_batch = max_batch
+        self.rate_limiter = rate_limiter
+        self.max_rate_violations = max_rate_violations
         self.close_timeout = close_timeout
         self.on_user_online = on_user_online
         self.on_user_offline = on_user_offline
@@ -478,6 +603,7 @@ class ConnectionManager:
         self._on_closed = on_closed
         self.on_connect: Hook | None = None
         self.on_disconnect: Hook | None = None
+        self.on_message: InboundHandler | None = None
         self._clock = clock
         self._connections: dict[str, _Connection] = {}
         self._by_user: dict[str, dict[str, _Connection]] = {}
@@ -489,6 +615,7 @@ class ConnectionManager:
         self._transport_errors = 0
         self._crashes = 0
         self._hook_errors = 0
+        self._rate_limited = 0
 
     def __repr__(self) -> str:
         return f"<ConnectionManager {len(self._connections)} connections under {self.supervisor.path}>"
@@ -609,8 +736,52 @@ class ConnectionManager:
                 nursery.start_soon(self._close, conn, code, reason)
         return len(conns)
 
+    async def receive(self, connection_id: str, data: Any) -> Any:
+        """Hand one inbound message of a connection to its actor.
+
+        A transport's reader calls this for every message its client sends,
+        in order. The connection's actor checks the inbound rate limit, then
+        awaits :attr:`on_message` with the connection and ``data``; messages
+        of one connection are handled one at a time, in order. When 16 are
+        queued the call waits (backpressure to the reader).
+
+        Args:
+            connection_id: The connection.
+            data: The message, as the transport decoded it.
+
+        Returns:
+            What :attr:`on_message` returned.
+
+        Raises:
+            NotFound: The connection is not open (or is closing).
+            RateLimited: Over the inbound rate limit (``retry_after`` says
+                when to retry); after ``max_rate_violations`` in a row the
+                connection is also closed with :data:`RATE_LIMITED`.
+            NotAllowed: No :attr:`on_message` handler is set.
+            Exception: Whatever :attr:`on_message` raised (the connection
+                stays open).
+        """
+        conn = self._connections.get(connection_id)
+        ref = None if conn is None else conn.ref
+        if conn is None or ref is None or not conn.registered:
+            await trio.lowlevel.checkpoint()
+            raise NotFound(f"no open connection {connection_id!r}")
+        try:
+            return await ref.ask(_Inbound(data), timeout=None)
+        except _Rejected as rejected:
+            raise rejected.error from None
+        except ActorError:
+            raise NotFound(f"connection {connection_id!r} closed") from None
+
     async def _close(self, conn: _Connection, code: int, reason: str) -> None:
         ref = conn.ref
+        if conn.task is not None and conn.task is trio.lowlevel.current_task():
+            # Called from the connection's own actor (its on_message handler
+            # disconnecting it): asking itself would wait for itself.
+            if conn.close_itself is not None and not conn.finishing:
+                await conn.close_itself(code, reason)  # writes what is queued first
+            await self._finish(conn, code, reason)
+            return
         if ref is not None and not conn.finishing:
             with suppress(ActorError):
                 await ref.ask(_Close(code, reason), timeout=self.close_timeout)
@@ -655,6 +826,8 @@ class ConnectionManager:
                 conn.send_scope.cancel()
             self._unregister(conn)
             self._disconnected += 1
+            if self.rate_limiter is not None:
+                self.rate_limiter.reset(conn.connection_id)
             with trio.move_on_after(self.close_timeout):
                 try:
                     await conn.transport.close(code, reason)
@@ -733,6 +906,7 @@ class ConnectionManager:
             transport_errors=self._transport_errors,
             crashes=self._crashes,
             hook_errors=self._hook_errors,
+            rate_limited=self._rate_limited,
         )
 
     # -- rooms -------------------------------------------------------------------
@@ -837,6 +1011,16 @@ class ConnectionManager:
         """
         await trio.lowlevel.checkpoint()
         return _fan_out(_data_event(f"room:{room_id}", data), list(self._rooms.get(room_id, {}).values()))
+
+
+def _written(positions: Positions, batch: list[Event]) -> None:
+    """Record the position of the last sequenced event of each topic in ``batch``."""
+    seen: set[str] = set()
+    for event in reversed(batch):
+        topic = event.topic
+        if event.seq is not None and topic not in seen:
+            seen.add(topic)
+            positions[topic] = (event.epoch or "", event.seq)
 
 
 def _data_event(topic: str, data: Mapping[str, Any]) -> Event:
