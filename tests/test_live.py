@@ -529,3 +529,65 @@ def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="watch_buffer"):
         LiveConfig(watch_buffer=0)
     assert LiveConfig(handler_timeout=None).handler_timeout is None
+
+
+class Exploding(Recorder):
+    """A subscriber with a bug: it raises on its ``explode_on``-th delivery."""
+
+    def __init__(self, connection_id: str, explode_on: int) -> None:
+        super().__init__(connection_id)
+        self.explode_on = explode_on
+
+    def deliver_nowait(self, event: Event) -> bool:
+        if len(self.events) + 1 == self.explode_on:
+            self.explode_on = 0
+            raise RuntimeError("subscriber bug")
+        return super().deliver_nowait(event)
+
+
+async def test_a_crash_while_publishing_is_never_a_silent_gap(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    live = await start(supervisor)
+    calm = Recorder("calm")
+    buggy = Exploding("buggy", explode_on=2)
+    other_model = Recorder("other")
+    # Watchers are delivered in watch order: ``calm`` gets version 2, then
+    # ``buggy`` raises on it, and the subscriber-less watch never gets it.
+    await live.watch("Post", subscriber=calm)
+    await live.watch("Post", subscriber=buggy)
+    queue = live.subscription(await live.watch("Post"))
+    await live.watch("User", subscriber=other_model)
+    await live.notify_create("Post", 1, {"n": 1})
+    with pytest.raises(ActorCrashed):
+        await live.notify_create("Post", 2, {"n": 2})  # the notifier knows
+    assert await live.version("Post") == 2  # after the restart; the change was logged
+    assert live.ref.statistics().restarts == 1
+    # The restarted actor told the Post watchers to re-sync, with the version
+    # to resume from; the User watcher saw nothing.
+    assert [event.type for event in calm.events] == ["change", "change", "live_reset"]
+    assert [event.type for event in buggy.events] == ["change", "live_reset"]
+    reset = buggy.events[-1]
+    assert reset.data == {"model": "Post", "version": 2, "epoch": live.epoch}
+    assert other_model.events == []
+    assert queue.receive_nowait().pk == 1
+    with pytest.raises(WatchOverflowed, match="restarted") as ended:
+        queue.receive_nowait()
+    assert ended.value.version == 1
+    # Resuming from the last version each had gives exactly what was missed.
+    resumed = live.subscription(await live.watch("Post", since=ended.value.version, epoch=live.epoch))
+    assert seen(resumed) == [("create", 2)]
+    await live.notify_create("Post", 3, {"n": 3})
+    assert [event.data["pk"] for event in buggy.events if event.type == "change"] == [1, 3]
+
+
+async def test_a_handler_may_notify_without_deadlock(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    live = await start(supervisor)
+
+    @live.on_change("Comment")
+    async def count_comments(change: ModelChange) -> None:
+        await live.notify_update("Post", 1, {"comments": change.pk})
+
+    queue = live.subscription(await live.watch("Post"))
+    with trio.fail_after(1):
+        await live.notify_create("Comment", 7, {"post": 1})
+        assert await live.version("Post") == 1  # queued behind the Comment change, handled before this ask
+    assert [(c.action, c.data) for c in drain(queue)] == [("update", {"comments": 7})]

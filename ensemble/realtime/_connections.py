@@ -197,16 +197,7 @@ class MemoryTransport:
                 blocked when it is closed).
             BaseException: The error given to :meth:`fail`.
         """
-        if self._delay:
-            await trio.sleep(self._delay)
-        else:
-            await trio.lowlevel.checkpoint()
-        while self._gate is not None and not self._closed:
-            await self._gate.wait()
-        if self.closed:
-            raise TransportClosed("the transport is closed")
-        if self._error is not None:
-            raise self._error
+        await self._writable()
         self.sent.append(data)
 
     async def send_many(self, frames: list[bytes]) -> None:
@@ -219,6 +210,10 @@ class MemoryTransport:
             TransportClosed: The transport is closed.
             BaseException: The error given to :meth:`fail`.
         """
+        await self._writable()
+        self.sent.extend(frames)
+
+    async def _writable(self) -> None:
         if self._delay:
             await trio.sleep(self._delay)
         else:
@@ -229,7 +224,6 @@ class MemoryTransport:
             raise TransportClosed("the transport is closed")
         if self._error is not None:
             raise self._error
-        self.sent.extend(frames)
 
     async def close(self, code: int, reason: str) -> None:
         """Close the transport (only the first close code and reason count)."""

@@ -52,7 +52,16 @@ Semantics:
   change, so handlers should hand long work off.
 * **Restarts.** Watchers, handlers, the row cache, versions and the log live
   in a :class:`LiveStore` passed to the actor's factory, so they survive a
-  crash and restart of the actor (the message it crashed on is lost).
+  crash and restart of the actor. ``notify_*`` returns once the change is
+  published (watchers have it queued, handlers ran); if the actor crashed on
+  it, ``notify_*`` raises :class:`~ensemble.actors.ActorCrashed` (the change
+  may not have reached every watcher, so the caller knows), and the restarted
+  actor tells that model's watchers to re-sync: a connection gets a
+  ``live_reset`` event (``data``: the model, its ``version`` and ``epoch``;
+  watch again ``since`` the last version it has), a subscriber-less watch is
+  ended with :class:`WatchOverflowed` (watch again ``since`` its
+  ``version``). A crash on any other message loses only that message.
+  (``notify_*`` called from inside a handler is queued, not awaited.)
 
 Delivery: a watch with a ``subscriber`` (a connection) receives
 ``Event(type="change", topic=..., data=change.to_dict(), seq=version,
@@ -192,6 +201,9 @@ class WatchOverflowed(RealtimeError):
         self.version = version
 
 
+LIVE_RESET: Final = "live_reset"
+"""The event type telling a watcher to re-sync after a crash mid-publish."""
+
 # -- state that survives restarts ---------------------------------------------
 
 
@@ -200,6 +212,7 @@ class _WatchState:
     """Shared by a subscriber-less watcher and its handle."""
 
     overflowed: bool = False
+    reason: str = "fell behind"
 
 
 @attrs.define(eq=False)
@@ -256,6 +269,8 @@ class LiveStore:
         self.handler_errors = 0
         self.handler_timeouts = 0
         self.predicate_errors = 0
+        self.publishing: str | None = None  # the model of the change being published
+        self.task: trio.lowlevel.Task | None = None  # the actor's task
 
     def statistics(self) -> LiveStatistics:
         """A frozen snapshot of the counters."""
@@ -333,12 +348,37 @@ class _LiveActor(Actor):
     def __init__(self, store: LiveStore) -> None:
         self._store = store
 
+    async def on_start(self) -> None:
+        store = self._store
+        store.task = trio.lowlevel.current_task()
+        model = store.publishing
+        if model is not None:
+            # The last incarnation crashed publishing a change of ``model``:
+            # some of its watchers may have missed it. Tell them to re-sync.
+            store.publishing = None
+            self._reset_watchers(model)
+
+    def _reset_watchers(self, model: str) -> None:
+        store = self._store
+        version = store.versions.get(model, 0)
+        data = {"model": model, "version": version, "epoch": store.epoch}
+        for watcher in list(store.by_model.get(model, {}).values()):
+            if watcher.subscriber is not None:
+                watcher.subscriber.deliver_nowait(Event(type=LIVE_RESET, topic=watcher.topic, data=data))
+            elif watcher.state is not None:
+                watcher.state.overflowed = True
+                watcher.state.reason = "was ended: the live-query actor restarted"
+                self._remove(watcher.id)
+        logger.warning("live query restarted while publishing a change of %s; its watchers were told to re-sync", model)
+
     async def receive(self, message: Any) -> Any:
         if isinstance(message, _Notify):
+            self._store.publishing = message.model
             entry = self._record(message)
             watchers = self._store.by_model.get(message.model)
             if watchers:
                 self._deliver(entry, list(watchers.values()))
+            self._store.publishing = None
             await self._run_handlers(entry.change)
             return None
         if isinstance(message, _Watch):
@@ -634,7 +674,7 @@ class LiveWatch:
     def _check_overflow(self) -> None:
         if self._state.overflowed:
             raise WatchOverflowed(
-                f"live watch {self.id} fell behind after version {self.version}",
+                f"live watch {self.id} {self._state.reason} after version {self.version}",
                 subscription_id=self.id,
                 version=self.version,
             ) from None
@@ -845,6 +885,13 @@ class LiveQuery:
     async def notify_create(self, model_name: str, pk: int | str, data: Row) -> None:
         """A row was created.
 
+        Each ``notify_*`` returns once the change is published (see the
+        module's notes on restarts).
+
+        Raises:
+            ActorCrashed: The live-query actor crashed on this change; its
+                watchers are told to re-sync.
+
         Args:
             model_name: The model.
             pk: The row's primary key.
@@ -886,7 +933,10 @@ class LiveQuery:
             changed_fields=changed,
             timestamp=time.time(),
         )
-        await self.ref.tell(message)
+        if trio.lowlevel.current_task() is self.store.task:
+            self.ref.tell_nowait(message)  # from a handler: after the change being handled
+        else:
+            await self.ref.ask(message, timeout=None)
 
     async def version(self, model_name: str) -> int:
         """The model's current version (0 before its first change).
