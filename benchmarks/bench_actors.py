@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +42,18 @@ from typing import Any
 import attrs
 import trio
 import trio.testing
+from _common import (
+    Medians,
+    Verdict,
+    add_run_arguments,
+    chosen_sizes,
+    format_verdicts,
+    machine_info,
+    markdown_table,
+    print_header,
+    run_payload,
+    write_json,
+)
 
 from ensemble.actors import Actor, ActorRef, ChildSpec, MailboxConfig, open_supervisor
 
@@ -82,7 +91,7 @@ class Sample:
 
 
 @attrs.frozen(kw_only=True)
-class Result:
+class Result(Medians):
     """The timed rounds of one scenario at one size."""
 
     scenario: str
@@ -91,14 +100,6 @@ class Result:
     ops: int  # deliveries / round trips / messages per round
     unit: str
     samples: tuple[Sample, ...]
-
-    @property
-    def wall(self) -> float:
-        return statistics.median(s.wall for s in self.samples)
-
-    @property
-    def cpu(self) -> float:
-        return statistics.median(s.cpu for s in self.samples)
 
     @property
     def us_wall(self) -> float:
@@ -111,12 +112,6 @@ class Result:
     @property
     def rate(self) -> float:
         return self.ops / self.wall
-
-    @property
-    def spread(self) -> float:
-        """(slowest - fastest) / median wall time of the timed rounds."""
-        walls = [s.wall for s in self.samples]
-        return (max(walls) - min(walls)) / self.wall
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -550,14 +545,6 @@ def run_all(sizes: Sizes, only: Sequence[str] = SCENARIOS, log: Callable[[str], 
     return results
 
 
-@attrs.frozen
-class Verdict:
-    target: str
-    measured: str
-    ratio: float  # measured relative to the target; >= 1.0 passes
-    passed: bool
-
-
 def fanout_slowdown(actors: Result, raw: Result) -> float:
     """Actor time over raw time: the median of per-round ratios (rounds alternate)."""
     return statistics.median(a.wall / r.wall for a, r in zip(actors.samples, raw.samples, strict=True))
@@ -591,48 +578,6 @@ def check_targets(results: Sequence[Result]) -> list[Verdict]:
     return verdicts
 
 
-def busy_cpus(seconds: float = 1.0) -> float | None:
-    """How many CPUs other processes kept busy over ``seconds`` (from /proc/stat)."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields[:8]) - idle, sum(fields[:8])
-
-    try:
-        busy0, total0 = sample()
-        time.sleep(seconds)
-        busy1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    memory = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
-            memory = f"{kib / 2**20:.1f} GiB"
-    except (OSError, StopIteration, ValueError):
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "memory": memory,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "trio": trio.__version__,
-        "attrs": attrs.__version__,
-        "busy_cpus_before": busy_cpus(),
-    }
-
-
 def format_table(results: Sequence[Result]) -> str:
     header = ("scenario", "N", "ops/round", "µs/op wall", "µs/op CPU", "ops/s (wall)", "spread", "unit")
     rows = [
@@ -648,48 +593,18 @@ def format_table(results: Sequence[Result]) -> str:
         )
         for r in results
     ]
-    return _markdown(header, rows, right=range(1, 7))
-
-
-def format_verdicts(verdicts: Sequence[Verdict]) -> str:
-    header = ("target", "measured", "result")
-    rows = [(v.target, v.measured, f"{'PASS' if v.passed else 'MISS'} ({v.ratio:.2f}x of target)") for v in verdicts]
-    return _markdown(header, rows, right=())
-
-
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] | range) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
-
-    def line(cells: Sequence[str]) -> str:
-        return (
-            "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
-        )
-
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+    return markdown_table(header, rows, right=range(1, 7))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="small sizes, one timed round")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--only", choices=SCENARIOS, action="append", help="run only these scenarios (repeatable)")
-    parser.add_argument("--repeats", type=int, help="timed rounds per scenario (default 5, 1 with --quick)")
+    add_run_arguments(parser, SCENARIOS)
     args = parser.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
-    if args.repeats is not None:
-        sizes = attrs.evolve(sizes, repeats=args.repeats)
+    sizes = chosen_sizes(args, FULL, QUICK)
     only = tuple(args.only or SCENARIOS)
 
     info = machine_info()
-    print(f"ensemble actor benchmark ({'quick' if args.quick else 'full'}; median of {sizes.repeats} timed rounds after a warm-up)")
-    print(
-        f"  {info['cpu']}, {info['nproc']} CPUs, {info['memory']}; {info['implementation']} {info['python']}, trio {info['trio']}, attrs {info['attrs']}"
-    )
-    busy = info["busy_cpus_before"]
-    if busy is not None:
-        warning = "  (WARNING: the machine is busy; figures will be noisy)" if busy > 0.2 else ""
-        print(f"  other processes kept {busy:.2f} CPUs busy just before the run{warning}")
+    print_header("actor", args.quick, sizes.repeats, info)
     results = run_all(sizes, only)
     verdicts = check_targets(results)
 
@@ -699,16 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(format_verdicts(verdicts))
     if args.json:
-        payload = {
-            "machine": info,
-            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-            "sizes": attrs.asdict(sizes),
-            "results": [r.as_dict() for r in results],
-            "targets": [attrs.asdict(v) for v in verdicts],
-        }
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"\nwrote {args.json}")
+        write_json(args.json, {**run_payload(info, sizes, results), "targets": [attrs.asdict(v) for v in verdicts]})
     return 0
 
 

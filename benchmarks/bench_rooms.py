@@ -44,8 +44,6 @@ import argparse
 import cProfile
 import gc
 import json
-import os
-import platform
 import pstats
 import statistics
 import sys
@@ -57,6 +55,18 @@ from typing import Any
 import attrs
 import trio
 import trio.testing
+from _common import (
+    Medians,
+    Verdict,
+    add_run_arguments,
+    chosen_sizes,
+    format_verdicts,
+    machine_info,
+    markdown_table,
+    print_header,
+    run_payload,
+    write_json,
+)
 
 from ensemble.actors import open_supervisor
 from ensemble.realtime import HubConfig, MemoryTransport, Outbox, RoomConfig, open_hub
@@ -113,7 +123,7 @@ class Sample:
 
 
 @attrs.frozen(kw_only=True)
-class Result:
+class Result(Medians):
     """The timed rounds of one scenario at one size."""
 
     scenario: str
@@ -126,14 +136,6 @@ class Result:
     @property
     def deliveries(self) -> int:
         return self.n * self.k
-
-    @property
-    def wall(self) -> float:
-        return statistics.median(s.wall for s in self.samples)
-
-    @property
-    def cpu(self) -> float:
-        return statistics.median(s.cpu for s in self.samples)
 
     @property
     def room_wall(self) -> float:
@@ -152,12 +154,6 @@ class Result:
     def us_message_room(self) -> float:
         """Wall µs per message until the room had handed it to every subscriber."""
         return self.room_wall / self.k * 1e6
-
-    @property
-    def spread(self) -> float:
-        """(slowest - fastest) / median wall time of the timed rounds."""
-        walls = [s.wall for s in self.samples]
-        return (max(walls) - min(walls)) / self.wall
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -410,14 +406,6 @@ def run_all(sizes: Sizes, only: Sequence[str] = SCENARIOS, log: Callable[[str], 
 
 
 @attrs.frozen
-class Verdict:
-    target: str
-    measured: str
-    ratio: float  # measured relative to the target; >= 1.0 passes
-    passed: bool
-
-
-@attrs.frozen
 class Cost:
     """The room's wall µs per message at each N, split into a fixed part (the
     cost at the smallest N, normally 1 subscriber) and the marginal cost per
@@ -453,48 +441,6 @@ def check_targets(results: Sequence[Result]) -> list[Verdict]:
     return verdicts
 
 
-def busy_cpus(seconds: float = 1.0) -> float | None:
-    """How many CPUs other processes kept busy over ``seconds`` (from /proc/stat)."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields[:8]) - idle, sum(fields[:8])
-
-    try:
-        busy0, total0 = sample()
-        time.sleep(seconds)
-        busy1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    memory = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
-            memory = f"{kib / 2**20:.1f} GiB"
-    except (OSError, StopIteration, ValueError):
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "memory": memory,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "trio": trio.__version__,
-        "attrs": attrs.__version__,
-        "busy_cpus_before": busy_cpus(),
-    }
-
-
 def format_table(results: Sequence[Result]) -> str:
     header = ("scenario", "N", "messages", "deliveries/s (wall)", "µs CPU/delivery", "room µs/message", "spread")
     rows = [
@@ -509,7 +455,7 @@ def format_table(results: Sequence[Result]) -> str:
         )
         for r in results
     ]
-    return _markdown(header, rows, right=range(1, 7))
+    return markdown_table(header, rows, right=range(1, 7))
 
 
 def format_costs(costs: Sequence[Cost]) -> str:
@@ -519,25 +465,7 @@ def format_costs(costs: Sequence[Cost]) -> str:
         for c in costs
         for i, (n, us, per) in enumerate(c.points)
     ]
-    return _markdown(header, rows, right=(1, 2, 3, 4))
-
-
-def format_verdicts(verdicts: Sequence[Verdict]) -> str:
-    header = ("target", "measured", "result")
-    rows = [(v.target, v.measured, f"{'PASS' if v.passed else 'MISS'} ({v.ratio:.2f}x of target)") for v in verdicts]
-    return _markdown(header, rows, right=())
-
-
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] | range) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
-
-    def line(cells: Sequence[str]) -> str:
-        return (
-            "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
-        )
-
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+    return markdown_table(header, rows, right=(1, 2, 3, 4))
 
 
 def profile(n: int, k: int, mode: str, scenario: str, top: int = 25) -> None:
@@ -558,10 +486,7 @@ def profile(n: int, k: int, mode: str, scenario: str, top: int = 25) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="small sizes, one timed round")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--only", choices=SCENARIOS, action="append", help="run only these scenarios (repeatable)")
-    parser.add_argument("--repeats", type=int, help="timed rounds per scenario (default 5, 1 with --quick)")
+    add_run_arguments(parser, SCENARIOS)
     parser.add_argument("--profile", type=int, metavar="N", help="print a cProfile of one round with N subscribers and exit")
     parser.add_argument("--profile-mode", choices=MODES, default="tell")
     parser.add_argument("--profile-k", type=int, default=1000, help="messages in the profiled round")
@@ -577,28 +502,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile:
         profile(args.profile, args.profile_k, args.profile_mode, args.profile_scenario)
         return 0
-    sizes = QUICK if args.quick else FULL
-    if args.repeats is not None:
-        sizes = attrs.evolve(sizes, repeats=args.repeats)
+    sizes = chosen_sizes(args, FULL, QUICK)
     only = tuple(args.only or SCENARIOS)
 
     info = machine_info()
-    print(f"ensemble room benchmark ({'quick' if args.quick else 'full'}; median of {sizes.repeats} timed rounds after a warm-up)")
-    print(
-        f"  {info['cpu']}, {info['nproc']} CPUs, {info['memory']}; {info['implementation']} {info['python']}, trio {info['trio']}, attrs {info['attrs']}"
-    )
-    busy = info["busy_cpus_before"]
-    if busy is not None:
-        warning = "  (WARNING: the machine is busy; figures will be noisy)" if busy > 0.2 else ""
-        print(f"  other processes kept {busy:.2f} CPUs busy just before the run{warning}")
+    print_header("room", args.quick, sizes.repeats, info)
     results = run_all(sizes, only)
-    payload = {
-        "machine": info,
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "sizes": attrs.asdict(sizes),
-        "results": [r.as_dict() for r in results],
-    }
-    report(payload, args.json)
+    report(run_payload(info, sizes, results), args.json)
     return 0
 
 
@@ -628,9 +538,7 @@ def report(payload: dict[str, Any], path: str | None) -> None:
     if path:
         payload = {**payload, "room_costs": [attrs.asdict(c) for c in costs], "targets": [attrs.asdict(v) for v in verdicts]}
         payload.pop("cost_fits", None)
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"\nwrote {path}")
+        write_json(path, payload)
 
 
 if __name__ == "__main__":
