@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -14,7 +15,9 @@ import trio.testing
 from ensemble.realtime._connections import MemoryTransport
 from ensemble.realtime._errors import Banned, NotAMember
 from ensemble.realtime._hub import Hub, HubConfig, open_hub
-from ensemble.realtime._models import RoomConfig
+from ensemble.realtime._models import ConnectionInfo, RoomConfig
+from ensemble.realtime._room import SubscriberRegistry
+from ensemble.realtime._room_store import InMemoryRoomStore, RoomRecord
 from ensemble.testing import FaultInjector
 
 
@@ -207,3 +210,274 @@ async def test_invalid_ids_are_refused(autojump_clock: trio.testing.MockClock) -
                 await hub.room(bad)
             with pytest.raises(ValueError, match="user id must be"):
                 await hub.connect(MemoryTransport(), bad)
+
+
+# -- abandoned rooms, given-up rooms --------------------------------------------------------
+
+
+async def test_an_abandoned_room_leaves_nothing_behind_and_a_held_handle_still_works(autojump_clock: trio.testing.MockClock) -> None:
+    async with hub_with(HubConfig(room=RoomConfig(idle_timeout=5.0, max_members=3))) as hub:
+        room = await hub.room("empty")
+        first = room.ref
+        await trio.sleep(10)
+        await settle()
+        assert hub.rooms_running() == []
+        assert await hub.room_store.load("empty") is None  # deleted: nothing worth keeping
+        assert hub._room_subscribers == {}
+        # The handle starts the room again (from scratch, with the hub's default config).
+        await room.join("alice", "Alice")
+        assert room.ref is not first
+        assert hub.rooms_running() == ["empty"]
+        record = await hub.room_store.load("empty")
+        assert record is not None
+        assert (list(record.members), record.config.max_members) == (["alice"], 3)
+
+
+async def crash_until_given_up(hub: Hub, room_id: str, times: int) -> None:
+    injector = FaultInjector()
+    room = await hub.room(room_id)
+    for _ in range(times):
+        injector.crash_next(room.ref)
+        with pytest.raises(Exception, match="crashed"):
+            await room.get_members()
+        await settle()
+
+
+async def test_a_room_given_up_on_tells_its_subscribers_and_starts_afresh_on_next_use(autojump_clock: trio.testing.MockClock) -> None:
+    async with hub_with(HubConfig(room_max_restarts=1, room_max_seconds=60.0)) as hub:
+        phone, laptop, bob_screen = MemoryTransport(), MemoryTransport(), MemoryTransport()
+        alice_phone = await hub.connect(phone, "alice")
+        alice_laptop = await hub.connect(laptop, "alice")
+        bob = await hub.connect(bob_screen, "bob")
+        for conn in (alice_phone, alice_laptop, bob):
+            await hub.join_room(conn.connection_id, "general")
+        await hub.join_room(bob.connection_id, "other")
+        room = await hub.room("general")
+        await room.ban("eve")
+        kept = await room.send_message("alice", "kept")
+        old_ref = room.ref
+
+        await crash_until_given_up(hub, "general", 1)  # restarted: room_reset, still subscribed
+        assert [e["type"] for e in phone.events[-1:]] == ["room_reset"]
+        assert not of_type(phone, "room_closed")
+        assert hub.connections.get_connection_rooms(alice_phone.connection_id) == {"general"}
+
+        await crash_until_given_up(hub, "general", 1)  # a second crash within 60 s: removed
+        rooms = hub.supervisor.child("rooms")
+        assert rooms is not None
+        assert rooms.statistics().children_given_up == 1  # type: ignore[union-attr]
+        assert hub.rooms_running() == ["other"]
+        for transport in (phone, laptop, bob_screen):
+            closed = of_type(transport, "room_closed")
+            assert [(e["topic"], e["data"]) for e in closed] == [("room:general", {"room_id": "general", "reason": "failed"})]
+            assert "seq" not in closed[0]
+        assert hub.connections.get_room_connections("general") == []
+        assert hub.connections.get_connection_rooms(bob.connection_id) == {"other"}
+        assert "general" not in hub._room_subscribers
+
+        # The next use starts a fresh incarnation from the store; joining subscribes again.
+        joined = await hub.join_room(alice_phone.connection_id, "general", since=(kept.epoch, kept.seq))
+        assert joined.recovered
+        assert sorted(hub.rooms_running()) == ["general", "other"]
+        assert room.ref is old_ref  # the handle has not been used since
+        assert await room.is_banned("eve")
+        assert room.ref is not old_ref
+        after = await room.send_message("bob", "after")
+        assert (after.epoch, after.seq) == (kept.epoch, kept.seq + 1)
+        await settle()
+        assert of_type(phone, "message")[-1]["data"]["content"] == "after"
+        assert of_type(laptop, "message")[-1]["data"]["content"] == "kept"  # not subscribed any more
+        stats = await room.statistics()
+        assert stats.subscribers == 1
+
+
+async def test_a_room_restarted_after_a_crash_keeps_its_subscribers_untold_of_closing(autojump_clock: trio.testing.MockClock) -> None:
+    async with hub_with(HubConfig(room_max_restarts=3)) as hub:
+        screen = MemoryTransport()
+        conn = await hub.connect(screen, "alice")
+        await hub.join_room(conn.connection_id, "general")
+        await crash_until_given_up(hub, "general", 3)
+        await trio.sleep(1)
+        assert len(of_type(screen, "room_reset")) == 3
+        assert not of_type(screen, "room_closed")
+        room = await hub.room("general")
+        assert (await room.statistics()).subscribers == 1
+        assert hub.connections.get_connection_rooms(conn.connection_id) == {"general"}
+
+
+# -- resuming through the hub -----------------------------------------------------------------------
+
+
+async def test_join_room_since_replays_the_missed_events_atomically(autojump_clock: trio.testing.MockClock) -> None:
+    async with hub_with() as hub:
+        room = await hub.room("general")
+        await room.join("bob", "Bob")
+        first = MemoryTransport()
+        conn = await hub.connect(first, "alice")
+        joined = await hub.join_room(conn.connection_id, "general", display_name="Alice")
+        assert (joined.member.display_name, joined.recovered, joined.resumption.replayed) == ("Alice", False, 0)
+        assert joined.resumption.topic == "room:general"
+        await room.send_message("bob", "seen")
+        await settle()
+        last = of_type(first, "message")[-1]
+        position = (last["epoch"], last["seq"])
+        await hub.disconnect(conn.connection_id)
+        missed = [await room.send_message("bob", f"missed {n}") for n in range(3)]
+
+        second = MemoryTransport()
+        conn = await hub.connect(second, "alice")
+        resumed = await hub.join_room(conn.connection_id, "general", since=position)
+        assert (resumed.recovered, resumed.resumption.replayed, resumed.resumption.last_seq) == (True, 3, missed[-1].seq)
+        assert resumed.to_dict()["recovered"] is True
+        live = await room.send_message("bob", "live")
+        await settle()
+        sequenced = [(e["seq"], e["data"].get("content")) for e in second.events if "seq" in e]
+        assert sequenced == [(m.seq, m.content) for m in missed] + [(live.seq, "live")]
+        assert hub.connections.get_connection_rooms(conn.connection_id) == {"general"}
+
+
+async def test_join_room_since_an_unrecoverable_position_says_so_and_subscribes(autojump_clock: trio.testing.MockClock) -> None:
+    async with hub_with(HubConfig(room=RoomConfig(history_size=2))) as hub:
+        room = await hub.room("general")
+        await room.join("bob", "Bob")
+        await room.join("alice", "Alice")
+        sent = [await room.send_message("bob", f"m{n}") for n in range(4)]  # seq 3 to 6; 5 and 6 kept
+        screen = MemoryTransport()
+        conn = await hub.connect(screen, "alice")
+        for since in ((sent[0].epoch, 1), ("another epoch", sent[-1].seq), (sent[0].epoch, 99)):
+            resumed = await hub.join_room(conn.connection_id, "general", since=since)
+            assert (resumed.recovered, resumed.resumption.epoch, resumed.resumption.last_seq) == (False, sent[0].epoch, sent[-1].seq)
+        await room.send_message("bob", "live")
+        await settle()
+        assert [e["data"]["content"] for e in of_type(screen, "message")] == ["live"]
+
+
+async def test_connect_with_notifications_since_replays_the_missed_notifications(autojump_clock: trio.testing.MockClock) -> None:
+    async with hub_with() as hub:
+        phone = MemoryTransport()
+        info = await hub.connect(phone, "alice")
+        assert info.notifications is not None
+        assert (info.notifications.topic, info.notifications.last_seq, info.notifications.recovered) == ("user:alice", 0, False)
+        seen = await hub.notifications.send("alice", "seen", "")
+        await hub.disconnect(info.connection_id)
+        missed = [await hub.notifications.send("alice", f"missed {n}", "") for n in range(2)]
+
+        phone = MemoryTransport()
+        info = await hub.connect(phone, "alice", metadata={"device": "phone"}, notifications_since=(seen.epoch, seen.seq))
+        assert info.notifications is not None
+        assert (info.notifications.recovered, info.notifications.replayed, info.notifications.last_seq) == (True, 2, 3)
+        assert info.metadata == {"device": "phone"}
+        assert info.to_dict()["notifications"] == info.notifications.to_dict()
+        assert hub.connections.get_connection(info.connection_id) == ConnectionInfo(
+            **attrs.asdict(info, recurse=False, filter=lambda a, v: a.name != "notifications")
+        )
+        live = await hub.notifications.send("alice", "live", "")
+        await settle()
+        assert [(e["seq"], e["data"]["title"]) for e in of_type(phone, "notification")] == [(n.seq, n.title) for n in [*missed, live]]
+
+        stale = MemoryTransport()
+        info = await hub.connect(stale, "alice", notifications_since=("another epoch", 1))
+        assert info.notifications is not None
+        assert (info.notifications.recovered, info.notifications.replayed, info.notifications.epoch) == (False, 0, seen.epoch)
+        await hub.notifications.send("alice", "attached anyway", "")
+        await settle()
+        assert [e["data"]["title"] for e in of_type(stale, "notification")] == ["attached anyway"]
+
+        anonymous = await hub.connect(MemoryTransport())
+        assert anonymous.notifications is None
+        with pytest.raises(ValueError, match="needs a user_id"):
+            await hub.connect(MemoryTransport(), notifications_since=(seen.epoch, 1))
+        with pytest.raises(TypeError, match="epoch, seq"):
+            await hub.connect(MemoryTransport(), "alice", notifications_since=[seen.epoch, 1])  # type: ignore[arg-type]
+        assert hub.connections.connection_count == 3  # the refused ones opened nothing
+
+
+async def test_a_connection_opened_by_a_connect_hook_is_not_given_the_callers_position(autojump_clock: trio.testing.MockClock) -> None:
+    async with hub_with() as hub:
+        seen = await hub.notifications.send("alice", "one", "")
+        await hub.notifications.send("alice", "two", "")
+        other = MemoryTransport()
+
+        async def on_connect(info: Any) -> None:
+            hub.connections.on_connect = None
+            await hub.connections.connect(other, "alice")  # in the caller's context
+
+        hub.connections.on_connect = on_connect
+        info = await hub.connect(MemoryTransport(), "alice", notifications_since=(seen.epoch, seen.seq))
+        assert info.notifications is not None
+        assert (info.notifications.recovered, info.notifications.replayed) == (True, 1)
+        assert len(hub.connections.get_user_connections("alice")) == 2
+        await hub.notifications.send("alice", "three", "")
+        await settle()
+        assert [e["data"]["title"] for e in of_type(other, "notification")] == ["three"]  # attached, not replayed to
+
+
+class FlakyRoomStore(InMemoryRoomStore):
+    """An in-memory room store whose loads fail while ``failing`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = False
+
+    async def load(self, room_id: str) -> RoomRecord | None:
+        if self.failing:
+            raise OSError("the store is down")
+        return await super().load(room_id)
+
+
+async def test_a_room_whose_restarts_fail_is_given_up_on_and_its_subscribers_told(autojump_clock: trio.testing.MockClock) -> None:
+    store = FlakyRoomStore()
+    async with open_hub(HubConfig(room_max_restarts=2), room_store=store) as hub:
+        screen = MemoryTransport()
+        conn = await hub.connect(screen, "alice")
+        await hub.join_room(conn.connection_id, "general")
+        room = await hub.room("general")
+        store.failing = True
+        FaultInjector().crash_next(room.ref)
+        with pytest.raises(Exception, match="crashed"):
+            await room.get_members()
+        await settle()  # two restarts fail in on_start: given up
+        assert hub.rooms_running() == []
+        assert [e["type"] for e in screen.events if e["type"].startswith("room_")] == ["room_closed"]
+        assert hub.connections.get_connection_rooms(conn.connection_id) == set()
+        store.failing = False
+        joined = await hub.join_room(conn.connection_id, "general")
+        assert joined.member.user_id == "alice"
+        assert (await room.statistics()).subscribers == 1
+
+
+async def test_a_connection_that_joined_a_fresh_incarnation_is_not_told_the_old_one_closed(autojump_clock: trio.testing.MockClock) -> None:
+    async with hub_with() as hub:
+        first, second = MemoryTransport(), MemoryTransport()
+        rejoined = await hub.connect(first, "alice")
+        stayed_away = await hub.connect(second, "bob")
+        for conn in (rejoined, stayed_away):
+            await hub.join_room(conn.connection_id, "general")
+        # The old incarnation's registry, as the crash watcher would hold it ...
+        old = hub._room_subscribers["general"]
+        snapshot = SubscriberRegistry()
+        for user_id, connections in old.by_user.items():
+            snapshot.by_user[user_id] = dict(connections)
+        snapshot.by_connection.update(old.by_connection)
+        # ... while the current one (a fresh incarnation) has alice's connection again.
+        await hub.leave_room(stayed_away.connection_id, "general")
+        hub.connections.add_room(stayed_away.connection_id, "general")  # as it was in the old incarnation
+        hub._room_given_up("general", snapshot)
+        await settle()
+        assert not of_type(first, "room_closed")
+        assert hub.connections.get_connection_rooms(rejoined.connection_id) == {"general"}
+        assert [e["data"]["reason"] for e in of_type(second, "room_closed")] == ["failed"]
+        assert hub.connections.get_connection_rooms(stayed_away.connection_id) == set()
+        assert len(snapshot) == 0
+        assert hub._room_subscribers["general"] is old  # the current registry is kept
+
+
+async def test_the_bodys_exception_leaves_open_hub_as_itself(autojump_clock: trio.testing.MockClock) -> None:
+    with pytest.raises(ValueError, match="boom") as raised:
+        async with open_hub():
+            raise ValueError("boom")
+    assert type(raised.value) is ValueError  # not wrapped in an exception group
+    with trio.move_on_after(1) as scope:
+        async with open_hub():
+            await trio.sleep(10)
+    assert scope.cancelled_caught

@@ -343,11 +343,31 @@ async def test_attach_since_replays_then_goes_live(supervisor: Supervisor, autoj
     later = await manager.send("u", "live", "b")
     assert [(e.seq, e.data["read"]) for e in device.events] == [(2, False), (3, True), (later.seq, False)]
 
+    assert attached.recovered
+    assert not (await manager.attach("u", Device("laptop", "u"))).recovered  # no since: nothing to recover
+
     stale = Device("stale", "u")
     with pytest.raises(HistoryUnavailable):
         await manager.attach("u", stale, since=("old-epoch", 1))
     assert stale.events == []
     assert await manager.detach("u", "stale") is False  # not attached
+
+
+@pytest.mark.parametrize("case", ["another epoch", "evicted", "future"])
+async def test_attach_not_strict_attaches_from_now_when_since_cannot_be_resumed(
+    supervisor: Supervisor, autojump_clock: trio.testing.MockClock, case: str
+) -> None:
+    manager = make(supervisor, max_per_user=2)
+    sent = [await manager.send("u", f"n{i}", "b") for i in range(4)]  # 3 and 4 kept
+    since = {"another epoch": ("old-epoch", 3), "evicted": (sent[0].epoch, 1), "future": (sent[0].epoch, 5)}[case]
+    device = Device("phone", "u")
+    attached = await manager.attach("u", device, since=since, strict=False)
+    assert (attached.recovered, attached.replayed, attached.epoch, attached.last_seq) == (False, (), sent[0].epoch, 4)
+    assert device.events == []  # nothing replayed, not even part of it
+    later = await manager.send("u", "live", "b")
+    assert [e.seq for e in device.events] == [later.seq]  # attached all the same
+    recovered = await manager.attach("u", Device("laptop", "u"), since=(sent[0].epoch, 3), strict=False)
+    assert (recovered.recovered, [n.seq for n in recovered.replayed]) == (True, [4, 5])
 
 
 # -- callbacks -------------------------------------------------------------------

@@ -26,7 +26,7 @@ from ensemble.realtime._errors import (
 from ensemble.realtime._events import Event
 from ensemble.realtime._models import RoomConfig
 from ensemble.realtime._room import PERMISSIONS, Room, RoomActor
-from ensemble.realtime._room_store import AddMember, AppendEvent, CreateRoom, InMemoryRoomStore
+from ensemble.realtime._room_store import AddMember, AppendEvent, CreateRoom, DeleteRoom, InMemoryRoomStore
 from ensemble.testing import FaultInjector
 
 WALL = 1_700_000_000.0
@@ -535,9 +535,9 @@ async def test_subscribe_is_for_members_only(autojump_clock: Any) -> None:
         with pytest.raises(NotAllowed):
             await h.room.join("bob", "Bob", subscriber=Recorder("alice", "alices-conn"))
         assert await h.room.get_member("bob") is None  # the refused join changed nothing
-        epoch, last_seq = await h.room.subscribe(Recorder("alice"))
-        assert last_seq == 1
-        assert epoch
+        position = await h.room.subscribe(Recorder("alice"))
+        assert (position.topic, position.last_seq, position.recovered, position.replayed) == ("room:general", 1, False, 0)
+        assert position.epoch
         assert await h.room.unsubscribe("conn-alice") is True
         assert await h.room.unsubscribe("conn-alice") is False
 
@@ -723,3 +723,208 @@ async def test_a_new_room_gets_a_fresh_epoch(autojump_clock: Any) -> None:
         assert stats.epoch != first
         assert stats.last_seq == 0
         assert stats.members == 0
+
+
+# -- deleting abandoned rooms -------------------------------------------------------------
+
+
+async def idle_out(h: Harness, seconds: float = 20.0) -> None:
+    await trio.sleep(seconds)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not h.room.ref.alive
+
+
+async def test_an_empty_room_deletes_its_record_when_it_idles_out(autojump_clock: Any) -> None:
+    store = InMemoryRoomStore()
+    async with running_room(RoomConfig(idle_timeout=10.0), store=store) as h:
+        assert store.room_ids() == ["general"]  # created on start
+        await h.room.get_members()
+        await idle_out(h)
+        assert store.room_ids() == []
+        assert await store.load("general") is None
+
+
+@pytest.mark.parametrize("keep", ["member", "ban", "request", "history"])
+async def test_a_room_with_something_worth_keeping_keeps_its_record(autojump_clock: Any, keep: str) -> None:
+    # history_size=0 keeps no history at all, so each of the others is tested alone.
+    history_size = 10 if keep == "history" else 0
+    store = InMemoryRoomStore()
+    config = RoomConfig(idle_timeout=10.0, history_size=history_size, join_policy="approval")
+    async with running_room(config, store=store) as h:
+        if keep == "member":
+            await h.room.join("alice", "Alice", invited=True)
+        elif keep == "ban":
+            await h.room.ban("eve")
+        elif keep == "request":
+            await h.room.request_join("carol", "Carol")
+        else:
+            await h.room.join("alice", "Alice", invited=True)
+            await h.room.leave("alice")  # no member left, but the history stays
+        await idle_out(h)
+        record = await store.load("general")
+        assert record is not None
+        assert (len(record.members), len(record.bans), len(record.join_requests)) == (
+            int(keep == "member"),
+            int(keep == "ban"),
+            int(keep == "request"),
+        )
+        assert [event.type for event in record.history] == (["member_joined", "member_left"] if keep == "history" else [])
+
+
+async def test_a_room_started_again_after_its_record_was_deleted_has_a_new_epoch(autojump_clock: Any) -> None:
+    store = InMemoryRoomStore()
+    config = RoomConfig(idle_timeout=10.0, history_size=0)
+    async with running_room(config, store=store) as h:
+        await h.room.join("alice", "Alice")
+        await h.room.leave("alice")  # seq 2; kept nowhere (history_size=0)
+        old = await h.room.statistics()
+        assert (old.last_seq, old.history_length) == (2, 0)
+        await idle_out(h)
+        assert await store.load("general") is None
+        again = Room("general", await h.supervisor.start_child(RoomActor.spec("general", config, store, _ignore)))
+        new = await again.statistics()
+        assert new.epoch != old.epoch
+        assert new.last_seq == 0
+        # A client resuming from the old incarnation is told, never given a silent gap.
+        with pytest.raises(HistoryUnavailable):
+            await again.get_events(since=(old.epoch, old.last_seq))
+        with pytest.raises(HistoryUnavailable):
+            await again.get_events(since=old.last_seq)
+        await again.join("alice", "Alice")
+        resumed = await again.subscribe(Recorder("alice"), since=(old.epoch, old.last_seq))
+        assert (resumed.recovered, resumed.epoch, resumed.last_seq) == (False, new.epoch, 1)
+
+
+class SlowDeleteStore(InMemoryRoomStore):
+    """Holds a DeleteRoom batch until ``release`` is set (a store doing I/O)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deleting = trio.Event()
+        self.release = trio.Event()
+
+    async def apply(self, room_id: str, ops: Any) -> None:
+        if any(isinstance(op, DeleteRoom) for op in ops):
+            self.deleting.set()
+            await self.release.wait()
+        await super().apply(room_id, ops)
+
+
+async def test_a_message_sent_while_an_empty_room_deletes_itself_reaches_a_new_incarnation(autojump_clock: Any) -> None:
+    store = SlowDeleteStore()
+    async with open_supervisor(name="rooms") as supervisor:
+
+        def spec() -> Any:
+            return RoomActor.spec("general", RoomConfig(idle_timeout=10.0), store, _ignore)
+
+        async def resolve() -> Any:
+            ref = supervisor.child("general")
+            if ref is not None and ref.alive:  # type: ignore[union-attr]
+                return ref
+            return await supervisor.start_child(spec())
+
+        first = await supervisor.start_child(spec())
+        room = Room("general", first, resolve=resolve)
+        old_epoch = (await room.statistics()).epoch
+        async with trio.open_nursery() as nursery:
+            await store.deleting.wait()  # the idle check is deleting the record ...
+            joined: list[Any] = []
+
+            async def join() -> None:
+                joined.append(await room.join("alice", "Alice"))  # ... when a join arrives
+
+            nursery.start_soon(join)
+            await trio.testing.wait_all_tasks_blocked()
+            assert first.statistics().mailbox_depth == 1  # queued in the stopping incarnation
+            store.release.set()
+        assert [member.user_id for member in joined] == ["alice"]
+        assert room.ref is not first
+        assert not first.alive
+        record = await store.load("general")
+        assert record is not None
+        assert (list(record.members), record.last_seq) == (["alice"], 1)
+        assert record.epoch != old_epoch
+
+
+# -- resuming on subscribe -------------------------------------------------------------------
+
+
+async def test_subscribe_since_replays_exactly_the_missed_events_then_live_ones(autojump_clock: Any) -> None:
+    async with running_room() as h:
+        await h.room.join("alice", "Alice")  # seq 1
+        await h.room.join("bob", "Bob")  # seq 2
+        messages = [await h.room.send_message("alice", f"m{n}") for n in range(4)]  # seq 3 to 6
+        phone = Recorder("bob", "phone")
+        resumed = await h.room.subscribe(phone, since=(messages[0].epoch, messages[1].seq))
+        assert (resumed.recovered, resumed.replayed, resumed.last_seq) == (True, 2, 6)
+        live = await h.room.send_message("alice", "live")
+        sequenced = [event for event in phone.events if event.seq is not None]
+        assert [event.seq for event in sequenced] == [5, 6, 7]
+        assert [event.data["content"] for event in sequenced] == ["m2", "m3", "live"]
+        assert sequenced[-1].data["id"] == live.id
+        assert phone.types() == ["message", "message", "presence", "message"]  # replayed before anything live
+        # A bare seq works too; the current position replays nothing.
+        laptop = Recorder("bob", "laptop")
+        assert (await h.room.subscribe(laptop, since=7)).replayed == 0
+        assert (await h.room.subscribe(Recorder("bob", "tablet"), since=(messages[0].epoch, 7))).recovered
+
+
+async def test_subscribe_since_replays_only_what_the_user_may_see(autojump_clock: Any) -> None:
+    async with running_room() as h:
+        await h.room.join("mod", "Mod", role="moderator")
+        await h.room.join("bob", "Bob")
+        position = (await h.room.statistics()).last_seq
+        await h.room.send_to({"note": "mods only"}, roles=["moderator"])
+        await h.room.send_to({"note": "for bob"}, users=["bob"])
+        await h.room.broadcast({"note": "all"})
+        bob, mod = Recorder("bob"), Recorder("mod")
+        epoch = (await h.room.statistics()).epoch
+        assert (await h.room.subscribe(bob, since=(epoch, position))).replayed == 2
+        assert (await h.room.subscribe(mod, since=(epoch, position))).replayed == 2
+        assert [event.data["note"] for event in bob.of("system")] == ["for bob", "all"]
+        assert [event.data["note"] for event in mod.of("system")] == ["mods only", "all"]
+
+
+@pytest.mark.parametrize("case", ["another epoch", "evicted", "future"])
+async def test_subscribe_since_an_unrecoverable_position_subscribes_from_now(autojump_clock: Any, case: str) -> None:
+    async with running_room(RoomConfig(history_size=3)) as h:
+        await h.room.join("alice", "Alice")
+        sent = [await h.room.send_message("alice", f"m{n}") for n in range(5)]  # seq 2 to 6; 4 to 6 kept
+        since = {"another epoch": ("old", 5), "evicted": (sent[0].epoch, 2), "future": (sent[0].epoch, 7)}[case]
+        phone = Recorder("alice", "phone")
+        resumed = await h.room.subscribe(phone, since=since)
+        assert (resumed.recovered, resumed.replayed, resumed.epoch, resumed.last_seq) == (False, 0, sent[0].epoch, 6)
+        assert [event for event in phone.events if event.seq is not None] == []  # no partial replay: nothing
+        await h.room.send_message("alice", "live")
+        assert [event.seq for event in phone.events if event.seq is not None] == [7]  # subscribed all the same
+
+
+async def test_a_refusing_subscriber_is_not_recovered(autojump_clock: Any) -> None:
+    async with running_room() as h:
+        await h.room.join("alice", "Alice")
+        await h.room.send_message("alice", "missed")
+        resumed = await h.room.subscribe(Recorder("alice", accept=False), since=0)
+        assert (resumed.recovered, resumed.replayed) == (False, 0)
+
+
+async def test_join_connection_with_since_joins_subscribes_and_replays_in_one_step(autojump_clock: Any) -> None:
+    async with running_room() as h:
+        await h.room.join("alice", "Alice")  # seq 1
+        await h.room.send_message("alice", "before bob")  # seq 2
+        epoch = (await h.room.statistics()).epoch
+        bob = Recorder("bob")
+        joined = await h.room.join_connection(bob, "Bob", since=(epoch, 1))
+        # A new member: the replay ends where the join's own event begins, which comes live, once.
+        assert (joined.member.user_id, joined.room_id, joined.recovered, joined.resumption.replayed) == ("bob", "general", True, 1)
+        assert joined.resumption.last_seq == 2
+        assert [(event.type, event.seq) for event in bob.events if event.seq is not None] == [("message", 2), ("member_joined", 3)]
+        # A member already: only subscribed; role and name are not changed.
+        phone = Recorder("bob", "phone")
+        again = await h.room.join_connection(phone, "Robert", "admin", since=(epoch, 2))
+        assert (again.member, again.recovered, again.resumption.replayed) == (joined.member, True, 1)
+        assert (await h.room.statistics()).subscribers == 2
+        await h.room.ban("eve")
+        with pytest.raises(Banned):
+            await h.room.join_connection(Recorder("eve"), "Eve")
+        with pytest.raises(TypeError):
+            await h.room.join_connection(Recorder("carol"), "Carol", since="1")  # type: ignore[arg-type]

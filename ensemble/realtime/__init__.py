@@ -41,10 +41,13 @@ from ._live import (
     WatchOverflowed as WatchOverflowed,
 )
 from ._models import (
+    Connected as Connected,
     ConnectionInfo as ConnectionInfo,
     ModelChange as ModelChange,
     Notification as Notification,
+    Resumption as Resumption,
     RoomConfig as RoomConfig,
+    RoomJoin as RoomJoin,
     RoomMember as RoomMember,
     RoomMessage as RoomMessage,
 )

@@ -32,6 +32,7 @@ NOTIFICATION_READ = "notification_read"
 CHANGE = "change"
 PRESENCE = "presence"
 ROOM_RESET = "room_reset"
+ROOM_CLOSED = "room_closed"
 JOIN_REQUEST = "join_request"
 JOIN_DECISION = "join_decision"
 

@@ -12,10 +12,26 @@
 
 and tears it down in reverse order on exit (connections first, closed with
 1001). No network is needed: the server is a thin layer over this.
+
+Room subscribers: the hub keeps each room's :class:`SubscriberRegistry` (the
+connections subscribed to it) by room id, and hands it to the room's actor
+and to each restart of it, so a restart after a crash keeps them (they get a
+``room_reset``); a start from scratch (first use, after an idle stop or a
+give-up) gets a new, empty one. When a room crashes, the hub waits until the rooms
+supervisor has dealt with the crash (see :meth:`Hub._after_room_crash`) and
+looks at the room's ref: alive, it was restarted; stopped, the supervisor
+gave up on it (more than ``room_max_restarts`` crashes within
+``room_max_seconds``). Then every subscriber gets a ``room_closed`` event
+(``data``: ``room_id``, ``reason="failed"``) and is unsubscribed (also in the
+connection manager's room index); the next use of the room starts a fresh
+incarnation from the store, with no subscribers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import logging
 import tomllib
 from collections.abc import AsyncIterator, Mapping
@@ -26,23 +42,42 @@ from typing import Any
 import attrs
 import trio
 
-from ..actors import Actor, ChildSpec, Supervisor, SupervisorSpec, TreeNode, open_supervisor
+from ..actors import Actor, ActorRef, ActorStopped, ChildSpec, Supervisor, SupervisorSpec, TreeNode, open_supervisor
 from ._connections import ConnectionManager, Transport
 from ._errors import NotAMember, NotFound
-from ._events import JOIN_DECISION, Event
+from ._events import JOIN_DECISION, ROOM_CLOSED, Event
 from ._live import LiveConfig, LiveQuery, start_live_query
-from ._models import ConnectionInfo, RoomConfig, RoomMember
+from ._models import Connected, ConnectionInfo, Resumption, RoomConfig, RoomJoin
 from ._notification_store import NotificationStore
 from ._notifications import NotificationManager
 from ._outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_EVENTS
 from ._ratelimit import WebSocketRateLimiter, WSRateLimitConfig
 from ._registry import OnDemand
-from ._room import Room, RoomActor
+from ._room import Room, RoomActor, Since, SubscriberRegistry
 from ._room_store import InMemoryRoomStore, RoomStore
 
 logger = logging.getLogger("ensemble.hub")
 
 _NESTED = {"room": RoomConfig, "rate_limit": WSRateLimitConfig, "live": LiveConfig}
+
+_BARRIER_ID = "~" * 201
+"""A child id no room has (room ids have at most 200 characters)."""
+
+ROOM_FAILED = "failed"
+"""The ``reason`` of a ``room_closed`` event: the room crashed more than
+``room_max_restarts`` times within ``room_max_seconds`` and was removed."""
+
+
+@attrs.define
+class _Connecting:
+    """What ``Hub.connect`` hands its ``on_opened`` wiring (in a context variable)."""
+
+    notifications_since: tuple[str, int] | None
+    claimed: bool = False
+    notifications: Resumption | None = None
+
+
+_CONNECTING: contextvars.ContextVar[_Connecting | None] = contextvars.ContextVar("ensemble_hub_connecting", default=None)
 
 
 def _valid_name(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -195,8 +230,11 @@ class Hub:
         self.live = live
         self.rate_limiter = WebSocketRateLimiter(config.rate_limit, clock=trio.current_time)
         self.room_store = room_store
+        self._rooms_supervisor = rooms_supervisor
         self._room_configs: dict[str, RoomConfig] = {}
+        self._room_subscribers: dict[str, SubscriberRegistry] = {}
         self._rooms = OnDemand(rooms_supervisor, self._room_spec)
+        self._nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
         return f"<Hub {self.supervisor.path}: {self.connections.connection_count} connections, {len(self._rooms.running())} rooms running>"
@@ -205,6 +243,10 @@ class Hub:
 
     async def room(self, room_id: str, config: RoomConfig | None = None) -> Room:
         """The room ``room_id``, started (or resumed from its store) if needed.
+
+        The returned :class:`Room` outlives the actor: a call that finds it
+        stopped (idle, or given up on after crashing too often) starts the
+        room again, from its store, and asks the new incarnation.
 
         Args:
             room_id: The room; non-empty, no ``/``, at most 200 characters.
@@ -217,13 +259,20 @@ class Hub:
             ValueError: An invalid room id.
         """
         _check_id("room id", room_id)
+        ref = await self._room_ref(room_id, config)
+        return Room(room_id, ref, resolve=functools.partial(self._room_ref, room_id))
+
+    async def _room_ref(self, room_id: str, config: RoomConfig | None = None) -> ActorRef:
         if config is not None:
             self._room_configs[room_id] = config
-        elif self._rooms.get_nowait(room_id) is None and room_id not in self._room_configs and await self.room_store.load(room_id) is None:
-            # A cold start of a room the store does not know: the default.
-            self._room_configs[room_id] = self.config.room
-        ref = await self._rooms.get(room_id)
-        return Room(room_id, ref)
+        try:
+            return await self._rooms.get(room_id)
+        except BaseException:
+            if self._rooms.get_nowait(room_id) is None:  # it did not start: forget its registry
+                registry = self._room_subscribers.get(room_id)
+                if registry is not None and not registry:
+                    del self._room_subscribers[room_id]
+            raise
 
     def rooms_running(self) -> list[str]:
         """The ids of the rooms whose actors run now (idle ones are not)."""
@@ -231,8 +280,73 @@ class Hub:
 
     def _room_spec(self, room_id: str) -> ChildSpec:
         config = self._room_configs.pop(room_id, None)
-        spec = RoomActor.spec(room_id, config, self.room_store, self._notify_user)
+        # A new registry per start from scratch; restarts after a crash share it.
+        registry = self._room_subscribers[room_id] = SubscriberRegistry()
+        spec = RoomActor.spec(
+            room_id,
+            config,
+            self.room_store,
+            self._notify_user,
+            subscribers=registry,
+            default_config=self.config.room,
+            on_exit=self._room_exited,
+        )
         return attrs.evolve(spec, max_restarts=self.config.room_max_restarts, max_seconds=self.config.room_max_seconds)
+
+    def _room_exited(self, room_id: str, ref: ActorRef, subscribers: SubscriberRegistry, crashed: bool) -> None:
+        """An incarnation of a room ended (the rooms' ``on_exit`` hook)."""
+        if not crashed:
+            # Stopped for good (idle, or shutdown): nobody uses the registry any more.
+            if self._room_subscribers.get(room_id) is subscribers:
+                del self._room_subscribers[room_id]
+            return
+        if self._nursery is not None:
+            self._nursery.start_soon(self._after_room_crash, room_id, ref, subscribers)
+
+    async def _after_room_crash(self, room_id: str, ref: ActorRef, subscribers: SubscriberRegistry) -> None:
+        """Tell a crashed room's subscribers if the supervisor gave up on it.
+
+        The crashed incarnation called ``on_exit`` (which started this task)
+        and then, without a checkpoint in between, reported its exit to the
+        rooms supervisor, whose control loop handles commands in order. So a
+        command sent from here is answered after the supervisor has either
+        restarted the room (its ref, which belongs to the cell, stays alive)
+        or removed it (its ref is closed). The command is a ``terminate`` of
+        a child that cannot exist: a round trip with no effect, and nothing
+        in the room's mailbox (a message there would be seen by fault
+        injection and statistics). A restart that fails again is a crash of
+        its own, watched the same way.
+        """
+        try:
+            await self._rooms_supervisor.terminate_child(_BARRIER_ID)
+        except KeyError:
+            pass  # as expected: the round trip is done
+        except ActorStopped:
+            return  # the hub is shutting down
+        if not ref.alive:
+            self._room_given_up(room_id, subscribers)
+
+    def _room_given_up(self, room_id: str, subscribers: SubscriberRegistry) -> None:
+        current = self._room_subscribers.get(room_id)
+        if current is subscribers:
+            del self._room_subscribers[room_id]
+            current = None
+        # Connections that joined a fresh incarnation meanwhile stay in it.
+        resubscribed = current.by_connection if current is not None else {}
+        closed = Event(type=ROOM_CLOSED, topic=f"room:{room_id}", data={"room_id": room_id, "reason": ROOM_FAILED})
+        told = 0
+        for subscriber in subscribers.subscribers():
+            connection_id = subscriber.connection_id
+            if connection_id in resubscribed:
+                continue
+            try:
+                subscriber.deliver_nowait(closed)
+            except Exception as exc:
+                logger.warning("subscriber %s of room %s raised %r", connection_id, room_id, exc)
+            self.connections.remove_room(connection_id, room_id)
+            told += 1
+        subscribers.clear()
+        logger.warning("room %s was given up on after repeated crashes; %d subscribed connections were told", room_id, told)
 
     async def _notify_user(self, user_id: str, event: Event) -> None:
         relay = self.supervisor.child("relay")
@@ -244,37 +358,118 @@ class Hub:
     # -- connections -----------------------------------------------------------------
 
     async def connect(
-        self, transport: Transport, user_id: str | None = None, metadata: Mapping[str, object] | None = None
-    ) -> ConnectionInfo:
+        self,
+        transport: Transport,
+        user_id: str | None = None,
+        metadata: Mapping[str, object] | None = None,
+        *,
+        notifications_since: tuple[str, int] | None = None,
+    ) -> Connected:
         """Open a connection and attach it to its user's mailbox (all devices
         then receive the user's notifications).
 
+        Args:
+            transport: Where the connection's events are written.
+            user_id: The authenticated user, or ``None`` (anonymous).
+            metadata: Custom metadata (copied).
+            notifications_since: The ``(epoch, seq)`` of the last
+                notification this device processed: the user's
+                notifications after it are put in the connection's outbox
+                before any live one, in the same step as the attachment, so
+                none is missed or repeated. See :class:`Resumption`.
+
+        Returns:
+            The connection's :class:`ConnectionInfo`, with ``notifications``:
+            where its notification stream starts and whether
+            ``notifications_since`` was recovered (``recovered=False``: the
+            position was from another epoch, evicted, or in the future; the
+            device is attached from now and must reload its notifications).
+
         Raises:
             TooManyConnections: A connection limit is reached.
-            ValueError: Too many metadata keys, or an invalid user id.
+            ValueError: Too many metadata keys, an invalid user id, or
+                ``notifications_since`` for an anonymous connection.
+            TypeError: ``notifications_since`` is not an ``(epoch, seq)`` pair.
         """
         if user_id is not None:
             _check_id("user id", user_id)
-        return await self.connections.connect(transport, user_id, metadata)
+        if notifications_since is not None:
+            if user_id is None:
+                raise ValueError("notifications_since needs a user_id: an anonymous connection gets no notifications")
+            _check_position("notifications_since", notifications_since)
+        connecting = _Connecting(notifications_since)
+        token = _CONNECTING.set(connecting)
+        try:
+            info = await self.connections.connect(transport, user_id, metadata)
+        finally:
+            _CONNECTING.reset(token)
+        return Connected(**attrs.asdict(info, recurse=False), notifications=connecting.notifications)
 
     async def _connection_opened(self, info: ConnectionInfo) -> None:
         """Wire a new connection, however it was opened: attach it to its
-        user's mailbox so every device gets the user's notifications."""
+        user's mailbox so every device gets the user's notifications.
+
+        Awaited by the connection manager inside ``connect``, so the
+        ``notifications_since`` of a :meth:`connect` in progress is at hand
+        (in a context variable): the attachment replays from it.
+        """
         if info.user_id is None:
             return
         subscriber = self.connections.get_subscriber(info.connection_id)
-        if subscriber is not None:
-            await self.notifications.attach(info.user_id, subscriber)
+        if subscriber is None:
+            return
+        connecting = _CONNECTING.get()
+        if connecting is not None and connecting.claimed:
+            connecting = None  # opened by a hook of the connect in progress: not that connection
+        since = None
+        if connecting is not None:
+            connecting.claimed = True
+            since = connecting.notifications_since
+        attached = await self.notifications.attach(info.user_id, subscriber, since=since, strict=False)
+        if connecting is not None:
+            connecting.notifications = Resumption(
+                topic=f"user:{info.user_id}",
+                epoch=attached.epoch,
+                last_seq=attached.last_seq,
+                recovered=attached.recovered,
+                replayed=len(attached.replayed),
+            )
 
     async def disconnect(self, connection_id: str) -> bool:
         """Close a connection (normal closure); see ``connections.disconnect``."""
         return await self.connections.disconnect(connection_id)
 
-    async def join_room(self, connection_id: str, room_id: str, *, display_name: str | None = None, role: str = "member") -> RoomMember:
+    async def join_room(
+        self,
+        connection_id: str,
+        room_id: str,
+        *,
+        display_name: str | None = None,
+        role: str = "member",
+        since: Since | None = None,
+    ) -> RoomJoin:
         """Join the connection's user to a room and subscribe the connection.
 
         A user who is a member already just gets this connection subscribed
-        (another device).
+        (another device). The room does both in one step.
+
+        Args:
+            connection_id: The connection.
+            room_id: The room (started if needed).
+            display_name: A new member's name (default: the user id).
+            role: A new member's role (trusted: the server decides it).
+            since: The position (``(epoch, seq)``, or a bare ``seq``) of the
+                last room event this connection's client processed: the
+                events after it (that the user may see) are put in the
+                connection's outbox before any live one, in the same step as
+                the subscription, so none is missed or repeated.
+
+        Returns:
+            The member and the subscription's :class:`Resumption`: its
+            position, and whether ``since`` was ``recovered``
+            (``False``: another epoch, evicted events, or a position in the
+            future; the connection is subscribed from now all the same and
+            its client must reload the room).
 
         Raises:
             NotFound: No such connection.
@@ -288,21 +483,22 @@ class Hub:
         if info.user_id is None:
             raise NotAMember(f"connection {connection_id!r} is anonymous and cannot join rooms")
         room = await self.room(room_id)
-        existing = await room.get_member(info.user_id)
-        if existing is None:
-            member = await room.join(info.user_id, display_name or info.user_id, role, subscriber=subscriber)
-        else:
-            await room.subscribe(subscriber)
-            member = existing
-        self.connections.add_room(connection_id, room_id)
-        return member
+        joined = await room.join_connection(subscriber, display_name or info.user_id, role, since=since)
+        try:
+            self.connections.add_room(connection_id, room_id)
+        except NotFound:
+            # Closed meanwhile, and cleaned up without this room: undo.
+            await room.unsubscribe(connection_id)
+            raise
+        return joined
 
     async def leave_room(self, connection_id: str, room_id: str) -> bool:
         """Stop delivering a room's events to a connection (membership stays)."""
         removed = self.connections.remove_room(connection_id, room_id)
         ref = self._rooms.get_nowait(room_id)
         if ref is not None:
-            await Room(room_id, ref).unsubscribe(connection_id)
+            with contextlib.suppress(ActorStopped):  # stopped meanwhile: nobody is subscribed to it any more
+                await Room(room_id, ref).unsubscribe(connection_id)
         return removed
 
     async def _connection_closed(self, info: ConnectionInfo) -> None:
@@ -333,6 +529,11 @@ class Hub:
 def _check_id(what: str, value: object) -> None:
     if not isinstance(value, str) or not value or "/" in value or len(value) > 200:
         raise ValueError(f"{what} must be a non-empty string without '/' of at most 200 characters, got {value!r}")
+
+
+def _check_position(what: str, value: object) -> None:
+    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and type(value[1]) is int):
+        raise TypeError(f"{what} must be an (epoch, seq) tuple, got {value!r}")
 
 
 @asynccontextmanager
@@ -396,8 +597,19 @@ async def open_hub(
             notifications=notifications,
             live=live,
         )
-        try:
-            yield hub
-        finally:
-            with trio.CancelScope(shield=True):
-                await connections.disconnect_all()
+        # The hub's own tasks (watching crashed rooms). The body's exception
+        # is re-raised after the nursery, as itself (not in a group).
+        body_error: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            hub._nursery = nursery
+            try:
+                yield hub
+            except BaseException as exc:
+                body_error = exc
+            finally:
+                hub._nursery = None
+                with trio.CancelScope(shield=True):
+                    await connections.disconnect_all()
+                nursery.cancel_scope.cancel()
+        if body_error is not None:
+            raise body_error

@@ -219,3 +219,84 @@ class ConnectionInfo:
 
 
 INFINITY: Final = math.inf
+
+
+@attrs.frozen(kw_only=True)
+class Resumption:
+    """Where a connection's subscription to one stream starts, and whether it resumed.
+
+    A client that kept the position ``(epoch, seq)`` of the last event it
+    processed passes it as ``since`` when it subscribes again
+    (``hub.join_room(..., since=...)``, ``hub.connect(...,
+    notifications_since=...)``); the events after it are then put in its
+    outbox before any live one, in the same step, so that nothing is missed
+    or repeated. When that is not possible (another epoch: the history was
+    lost; events evicted; a position in the future) the connection is
+    subscribed all the same, from now, with ``recovered=False``: the client
+    must reload the stream's state instead of assuming it saw everything.
+
+    Attributes:
+        topic: The stream: ``room:<id>`` or ``user:<id>``.
+        epoch: The stream's epoch now.
+        last_seq: The position at subscription: every event after it is
+            delivered to the connection (after the replayed ones).
+        recovered: Whether a ``since`` was given and every event after it
+            (that the user may see) was delivered before the live ones.
+            ``False`` without ``since``.
+        replayed: How many events were replayed.
+    """
+
+    topic: str
+    epoch: str
+    last_seq: int
+    recovered: bool = False
+    replayed: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON-ready form."""
+        return attrs.asdict(self)
+
+
+@attrs.frozen(kw_only=True)
+class RoomJoin:
+    """What ``hub.join_room`` returns: the member, and the connection's subscription.
+
+    Attributes:
+        room_id: The room.
+        member: The connection's user as a member of the room (joined now,
+            or a member already).
+        resumption: Where the connection's subscription starts and whether
+            it resumed from the ``since`` given.
+    """
+
+    room_id: str
+    member: RoomMember
+    resumption: Resumption
+
+    @property
+    def recovered(self) -> bool:
+        """Whether the events after ``since`` were all replayed (see :class:`Resumption`)."""
+        return self.resumption.recovered
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON-ready form."""
+        return {"room_id": self.room_id, "member": self.member.to_dict(), **self.resumption.to_dict()}
+
+
+@attrs.frozen(kw_only=True)
+class Connected(ConnectionInfo):
+    """What ``hub.connect`` returns: the new connection's :class:`ConnectionInfo`, and more.
+
+    Attributes:
+        notifications: Where the connection's stream of its user's
+            notifications starts (and whether it resumed from
+            ``notifications_since``); ``None`` for an anonymous connection.
+    """
+
+    notifications: Resumption | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON-ready form."""
+        result = super().to_dict()
+        result["notifications"] = None if self.notifications is None else self.notifications.to_dict()
+        return result

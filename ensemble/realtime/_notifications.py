@@ -106,12 +106,17 @@ class Attachment:
         replayed: The notifications after ``since`` that were delivered to
             the device before it went live (empty without ``since``).
         came_online: Whether this was the user's first attached device.
+        recovered: Whether a ``since`` was given and every notification
+            after it was delivered before the live ones (``False`` without
+            ``since``, and when ``strict=False`` let an unrecoverable
+            ``since`` attach from now).
     """
 
     epoch: str
     last_seq: int
     replayed: tuple[Notification, ...] = ()
     came_online: bool = False
+    recovered: bool = False
 
 
 @attrs.define(eq=False)
@@ -175,6 +180,7 @@ class _Send:
 class _Attach:
     subscriber: Subscriber
     since: tuple[str, int] | None
+    strict: bool = True
 
 
 @attrs.frozen
@@ -426,8 +432,16 @@ class UserMailbox(Actor):
     async def _attach(self, message: _Attach) -> Attachment:
         subscriber = message.subscriber
         replayed: tuple[Notification, ...] = ()
+        recovered = False
         if message.since is not None:
-            replayed = tuple(self._replay(message.since))
+            try:
+                replayed = tuple(self._replay(message.since))
+            except HistoryUnavailable as exc:
+                if message.strict:
+                    raise
+                logger.debug("device %s of %s attaches unrecovered: %s", subscriber.connection_id, self.user_id, exc)
+            else:
+                recovered = True
             for n in replayed:
                 try:
                     subscriber.deliver_nowait(Event(type=NOTIFICATION, topic=self._topic, data=n.to_dict(), seq=n.seq, epoch=n.epoch))
@@ -438,7 +452,9 @@ class UserMailbox(Actor):
         subscribers[subscriber.connection_id] = subscriber
         if came_online and self._shared.on_online is not None:
             await _call(self._shared.on_online, self.user_id, self._shared.callback_timeout, "on_online callback")
-        return Attachment(epoch=self._record.epoch, last_seq=self._record.last_seq, replayed=replayed, came_online=came_online)
+        return Attachment(
+            epoch=self._record.epoch, last_seq=self._record.last_seq, replayed=replayed, came_online=came_online, recovered=recovered
+        )
 
     async def _detach(self, connection_id: str) -> bool:
         subscribers = self.registry.subscribers
@@ -670,7 +686,9 @@ class NotificationManager:
             self._shared.release(registry)
         return True
 
-    async def attach(self, user_id: str, subscriber: Subscriber, *, since: tuple[str, int] | None = None) -> Attachment:
+    async def attach(
+        self, user_id: str, subscriber: Subscriber, *, since: tuple[str, int] | None = None, strict: bool = True
+    ) -> Attachment:
         """Attach a device: it receives the user's notification events from now on.
 
         With ``since`` (the ``(epoch, seq)`` of the last notification the
@@ -682,19 +700,24 @@ class NotificationManager:
             subscriber: The device's connection (replaces one attached with
                 the same ``connection_id``).
             since: Where to resume from, or ``None``.
+            strict: What a ``since`` that cannot be resumed from does:
+                raise ``HistoryUnavailable`` (``True``), or attach the device
+                from now and report ``recovered=False`` (``False``).
 
         Returns:
-            The position and what was replayed.
+            The position, what was replayed and whether ``since`` was
+            recovered.
 
         Raises:
             ValueError: An invalid user id, or the subscriber is another user's.
-            HistoryUnavailable: ``since`` cannot be resumed from (the device
-                was not attached; resync and attach without ``since``).
+            HistoryUnavailable: ``strict`` and ``since`` cannot be resumed
+                from (the device was not attached; resync and attach without
+                ``since``).
         """
         validate_user_id(user_id)
         if subscriber.user_id != user_id:
             raise ValueError(f"subscriber {subscriber.connection_id!r} belongs to {subscriber.user_id!r}, not {user_id!r}")
-        result: Attachment = await self._ask(user_id, _Attach(subscriber, since))
+        result: Attachment = await self._ask(user_id, _Attach(subscriber, since, strict))
         return result
 
     async def detach(self, user_id: str, connection_id: str) -> bool:

@@ -45,17 +45,36 @@ Permissions (:data:`PERMISSIONS`, :data:`RANKS`):
     deleting for authors and for ``delete_any``.
 
 Crash and restart:
-    Subscribers are held in a registry that the child spec's factory shares
-    between incarnations (like the cell's mailbox). A restarted room reloads
-    its record from the store, drops subscribers of users who are no longer
-    members, and sends them a ``room_reset`` event (``data``: ``epoch`` and
-    ``last_seq``): clients re-sync with ``get_events(since=...)``.
+    Subscribers are held in a :class:`SubscriberRegistry` that the child
+    spec's factory shares between incarnations (like the cell's mailbox); the
+    hub keeps it per room id too. A restarted room reloads its record from
+    the store, drops subscribers of users who are no longer members, and
+    sends them a ``room_reset`` event (``data``: ``epoch`` and ``last_seq``):
+    clients re-sync with ``get_events(since=...)``. Every incarnation that
+    ends calls the spec's ``on_exit`` hook (if any) with the registry and
+    whether it crashed: the hub uses it to find out whether the supervisor
+    gave up on the room, and then tells its subscribers (``room_closed``).
+    ``on_exit`` is called last thing before the incarnation ends (in
+    ``on_stop``, or when ``on_start`` of a restart fails), with no checkpoint
+    between it and the supervisor learning of the exit.
 
 Idle stop:
     One timer checks, every ``idle_timeout`` at most, whether the room had no
     subscribers and no messages for ``idle_timeout`` seconds (comparing with
     the time of the last message; no timer per message). If so the actor stops
-    normally; its state stays in the store and the next start resumes it.
+    normally; its state stays in the store and the next start resumes it. A
+    room with nothing worth keeping (no members, bans, join requests or
+    history) deletes its record first (:class:`DeleteRoom`), so abandoned
+    rooms cost nothing; started again, it gets a new ``epoch``, so a client
+    resuming from a position of the old one is told the history is gone.
+
+Resuming:
+    ``Subscribe`` and ``JoinConnection`` take a ``since`` position: the room
+    puts the kept events after it (that the user may see) in the
+    subscriber's queue and subscribes it, while handling that one message,
+    so no event is missed or repeated between the replay and live delivery.
+    A position that cannot be resumed from subscribes from now and says so
+    (:class:`~ensemble.realtime._models.Resumption` ``recovered=False``).
 """
 
 from __future__ import annotations
@@ -71,7 +90,7 @@ from typing import Any, ClassVar, Final
 import attrs
 import trio
 
-from ..actors import DEFAULT_ASK_TIMEOUT, Actor, ActorRef, ChildSpec, MailboxConfig
+from ..actors import DEFAULT_ASK_TIMEOUT, Actor, ActorRef, ActorStopped, ChildSpec, MailboxConfig
 from ._errors import (
     ApprovalRequired,
     Banned,
@@ -104,7 +123,7 @@ from ._events import (
     Event,
     Subscriber as Subscriber,
 )
-from ._models import ROLES, RoomConfig, RoomMember, RoomMessage
+from ._models import ROLES, Resumption, RoomConfig, RoomJoin, RoomMember, RoomMessage
 from ._ratelimit import SlidingWindowLimit
 from ._room_store import (
     AddJoinRequest,
@@ -112,6 +131,7 @@ from ._room_store import (
     AppendEvent,
     Ban as BanOp,
     CreateRoom,
+    DeleteRoom,
     JoinRequest,
     RemoveJoinRequest,
     RemoveMember,
@@ -131,6 +151,10 @@ NotifyUser = Callable[[str, Event], Awaitable[None]]
 
 Since = int | tuple[str, int]
 """A history position: a ``seq``, or ``(epoch, seq)`` to also check the epoch."""
+
+RoomExitHook = Callable[[str, ActorRef, "SubscriberRegistry", bool], None]
+"""Called (without waiting) when an incarnation of a room ends: with the room
+id, its ref, its subscriber registry and whether it crashed."""
 
 RANKS: Final[Mapping[str, int]] = {"member": 0, "moderator": 1, "admin": 2}
 """Role order: an actor acts only on members ranked strictly below them."""
@@ -341,9 +365,21 @@ class GetJoinRequests:
 
 @attrs.frozen
 class Subscribe:
-    """Deliver the room's events to a member's connection."""
+    """Deliver the room's events to a member's connection (after ``since``)."""
 
     subscriber: Subscriber = attrs.field(eq=False)
+    since: Since | None = None
+
+
+@attrs.frozen
+class JoinConnection:
+    """Join the connection's user (unless a member already) and subscribe the connection."""
+
+    subscriber: Subscriber = attrs.field(eq=False)
+    display_name: str
+    role: str = "member"
+    invited: bool = False
+    since: Since | None = None
 
 
 @attrs.frozen
@@ -400,7 +436,7 @@ class RoomStatistics:
 # -- the actor -----------------------------------------------------------------
 
 
-class _Subscribers:
+class SubscriberRegistry:
     """Live subscribers of one room, shared by all incarnations of its actor."""
 
     def __init__(self) -> None:
@@ -415,6 +451,16 @@ class _Subscribers:
     def changed(self) -> None:
         """Call after changing ``by_user``: the flat list is rebuilt on next use."""
         self._flat = None
+
+    def subscribers(self) -> list[Subscriber]:
+        """Every subscriber, by user then subscription order."""
+        return [subscriber for connections in self.by_user.values() for subscriber in connections.values()]
+
+    def clear(self) -> None:
+        """Forget every subscriber."""
+        self.by_user.clear()
+        self.by_connection.clear()
+        self.changed()
 
     def flat(self) -> list[tuple[Subscriber, Callable[[Event], bool]]]:
         """Every subscriber with its bound ``deliver_nowait``, cached between changes.
@@ -455,6 +501,9 @@ class RoomActor(Actor):
         clock: Wall clock for ``joined_at`` and message timestamps.
         subscribers: The registry shared between incarnations (made by
             :meth:`spec`; a fresh one if ``None``).
+        default_config: The config of a new room started without one
+            (``None``: :class:`RoomConfig` defaults).
+        on_exit: Called when this incarnation ends (see :data:`RoomExitHook`).
     """
 
     mailbox: ClassVar[MailboxConfig] = MailboxConfig(per_type={SetTyping: "keep_latest"})
@@ -468,16 +517,19 @@ class RoomActor(Actor):
         notify_user: NotifyUser,
         *,
         clock: Callable[[], float] = time.time,
-        subscribers: _Subscribers | None = None,
+        subscribers: SubscriberRegistry | None = None,
+        default_config: RoomConfig | None = None,
+        on_exit: RoomExitHook | None = None,
     ) -> None:
         self.room_id = room_id
         self.topic = f"room:{room_id}"
         self._config_arg = config
-        self.config = config if config is not None else RoomConfig()
+        self.config = config if config is not None else default_config if default_config is not None else RoomConfig()
+        self._on_exit = on_exit
         self._store = store
         self._notify_user = notify_user
         self._clock = clock
-        self._subs = subscribers if subscribers is not None else _Subscribers()
+        self._subs = subscribers if subscribers is not None else SubscriberRegistry()
         self.epoch = ""
         self.last_seq = 0
         self._members: dict[str, RoomMember] = {}
@@ -503,6 +555,9 @@ class RoomActor(Actor):
         notify_user: NotifyUser,
         *,
         clock: Callable[[], float] = time.time,
+        subscribers: SubscriberRegistry | None = None,
+        default_config: RoomConfig | None = None,
+        on_exit: RoomExitHook | None = None,
     ) -> ChildSpec:
         """The child spec of a room (``transient``: an idle stop removes it).
 
@@ -512,19 +567,54 @@ class RoomActor(Actor):
             store: See :class:`RoomActor`.
             notify_user: See :class:`RoomActor`.
             clock: See :class:`RoomActor`.
+            subscribers: The registry to share between the room's
+                incarnations (``None``: a new one).
+            default_config: See :class:`RoomActor`.
+            on_exit: See :class:`RoomActor`.
 
         Returns:
             The spec; its factory shares one subscriber registry between the
             room's incarnations.
         """
-        subscribers = _Subscribers()
-        factory = functools.partial(cls, room_id, config, store, notify_user, clock=clock, subscribers=subscribers)
+        registry = subscribers if subscribers is not None else SubscriberRegistry()
+        factory = functools.partial(
+            cls,
+            room_id,
+            config,
+            store,
+            notify_user,
+            clock=clock,
+            subscribers=registry,
+            default_config=default_config,
+            on_exit=on_exit,
+        )
         return ChildSpec(id=room_id, factory=factory, restart="transient")
 
     # -- lifecycle -------------------------------------------------------------
 
     async def on_start(self) -> None:
         """Load (or create) the record; after a restart, send ``room_reset``."""
+        self._subs.incarnations += 1
+        try:
+            await self._start()
+        except Exception:
+            if self._subs.incarnations > 1:  # a restart failed: the supervisor decides
+                self._exited(crashed=True)
+            raise
+
+    async def on_stop(self) -> None:
+        """Tell the ``on_exit`` hook (after a normal stop or a crash)."""
+        self._exited(crashed=self.ref.statistics().state == "restarting")
+
+    def _exited(self, *, crashed: bool) -> None:
+        if self._on_exit is None:
+            return
+        try:
+            self._on_exit(self.room_id, self.ref, self._subs, crashed)
+        except Exception:
+            logger.exception("the on_exit hook of room %s raised", self.room_id)
+
+    async def _start(self) -> None:
         record = await self._store.load(self.room_id)
         ops: list[RoomOp] = []
         if record is None:
@@ -537,7 +627,6 @@ class RoomActor(Actor):
         if ops:
             await self._store.apply(self.room_id, ops)
         self._load(record)
-        self._subs.incarnations += 1
         for user_id in [user for user in self._subs.by_user if user not in self._members]:
             self._drop_subscribers(user_id)
         if self._subs.incarnations > 1:
@@ -564,7 +653,7 @@ class RoomActor(Actor):
             self._flush_outbox()
             return None
         if type(message) is _IdleCheck:
-            self._idle_check()
+            await self._idle_check()
             return None
         self._last_activity = trio.current_time()
         try:
@@ -600,8 +689,12 @@ class RoomActor(Actor):
                 return self._join(message)
             case Leave(user_id):
                 return self._leave(user_id)
-            case Subscribe(subscriber):
-                return self._subscribe(subscriber)
+            case Subscribe(subscriber, since):
+                return self._subscribe(subscriber, since=since)
+            case JoinConnection(subscriber, display_name, role, invited, since):
+                member, resumption = self._join_subscriber(subscriber.user_id, display_name, role, invited, subscriber, since)
+                assert resumption is not None
+                return RoomJoin(room_id=self.room_id, member=member, resumption=resumption)
             case Unsubscribe(connection_id):
                 return self._unsubscribe(connection_id)
             case Broadcast(data):
@@ -750,24 +843,36 @@ class RoomActor(Actor):
     # -- membership ------------------------------------------------------------
 
     def _join(self, message: Join) -> RoomMember:
-        user_id = self._user_id(message.user_id)
+        member, _ = self._join_subscriber(message.user_id, message.display_name, message.role, message.invited, message.subscriber, None)
+        return member
+
+    def _join_subscriber(
+        self,
+        user_id: str | None,
+        display_name: str,
+        role: str,
+        invited: bool,
+        subscriber: Subscriber | None,
+        since: Since | None,
+    ) -> tuple[RoomMember, Resumption | None]:
+        user_id = self._user_id(user_id)
         if user_id in self._bans:
             raise Banned(f"{user_id!r} is banned from room {self.room_id!r}")
-        subscriber = message.subscriber
         if subscriber is not None and subscriber.user_id is not None and subscriber.user_id != user_id:
             raise NotAllowed(f"connection {subscriber.connection_id!r} belongs to {subscriber.user_id!r}, not {user_id!r}")
         if subscriber is not None and self._subs.by_connection.get(subscriber.connection_id, user_id) != user_id:
             raise NotAllowed(f"connection {subscriber.connection_id!r} is subscribed as another user")
         member = self._members.get(user_id)
         if member is None:
-            if self.config.join_policy == "approval" and not message.invited:
+            if self.config.join_policy == "approval" and not invited:
                 raise ApprovalRequired(f"room {self.room_id!r} admits members by approval: use request_join")
             if len(self._members) >= self.config.max_members:
                 raise RoomFull(f"room {self.room_id!r} is full ({self.config.max_members} members)")
-            member = self._add_member(user_id, message.display_name, message.role)
+            member = self._add_member(user_id, display_name, role)
+        resumption = None
         if subscriber is not None:
-            self._subscribe(subscriber, user_id=user_id)
-        return member
+            resumption = self._subscribe(subscriber, user_id=user_id, since=since)
+        return member, resumption
 
     def _add_member(self, user_id: str, display_name: str, role: str) -> RoomMember:
         member = RoomMember(user_id=user_id, display_name=display_name, role=role, joined_at=self._clock())
@@ -853,7 +958,7 @@ class RoomActor(Actor):
 
     # -- subscribers -------------------------------------------------------------
 
-    def _subscribe(self, subscriber: Subscriber, *, user_id: str | None = None) -> tuple[str, int]:
+    def _subscribe(self, subscriber: Subscriber, *, user_id: str | None = None, since: Since | None = None) -> Resumption:
         user_id = subscriber.user_id if user_id is None else user_id
         if user_id is None or user_id not in self._members:
             raise NotAMember(f"connection {subscriber.connection_id!r}: {user_id!r} is not a member of room {self.room_id!r}")
@@ -863,6 +968,14 @@ class RoomActor(Actor):
         previous = self._subs.by_connection.get(connection_id)
         if previous is not None and previous != user_id:
             raise NotAllowed(f"connection {connection_id!r} is subscribed as {previous!r}")
+        # Events sequenced while handling this message are still queued for
+        # delivery (after the store has them): the subscriber gets them live.
+        # The replay covers what was delivered before, up to ``position``.
+        position = next((item.seq - 1 for item in self._outbox if type(item) is Event and item.seq is not None), self.last_seq)
+        recovered = False
+        replayed = 0
+        if since is not None:
+            recovered, replayed = self._replay(subscriber, user_id, since, position)
         connections = self._subs.by_user.setdefault(user_id, {})
         first = not connections
         connections[connection_id] = subscriber
@@ -870,7 +983,35 @@ class RoomActor(Actor):
         self._subs.changed()
         if first:
             self._presence(user_id, True)
-        return (self.epoch, self.last_seq)
+        return Resumption(topic=self.topic, epoch=self.epoch, last_seq=position, recovered=recovered, replayed=replayed)
+
+    def _replay(self, subscriber: Subscriber, user_id: str, since: Since, position: int) -> tuple[bool, int]:
+        """Hand ``subscriber`` the kept events in ``(since, position]`` that ``user_id`` may see.
+
+        Returns:
+            Whether all of them were handed over (``False`` if ``since``
+            cannot be resumed from, or the subscriber refused one), and how
+            many were.
+        """
+        try:
+            events = self._events_after(since, position)
+        except HistoryUnavailable as exc:
+            logger.debug("connection %s subscribes to room %s unrecovered: %s", subscriber.connection_id, self.room_id, exc)
+            return False, 0
+        role = self._members[user_id].role
+        replayed = 0
+        for event in events:
+            if event.audience is not None and not event.audience.admits(user_id, role):
+                continue
+            try:
+                accepted = subscriber.deliver_nowait(event)
+            except Exception as exc:
+                logger.warning("subscriber %s of room %s raised %r", subscriber.connection_id, self.room_id, exc)
+                accepted = False
+            if not accepted:
+                return False, replayed
+            replayed += 1
+        return True, replayed
 
     def _unsubscribe(self, connection_id: str) -> bool:
         user_id = self._subs.by_connection.pop(connection_id, None)
@@ -958,24 +1099,29 @@ class RoomActor(Actor):
 
     # -- history -----------------------------------------------------------------
 
-    def _events_after(self, since: Since | None) -> Sequence[Event]:
-        """The kept events after ``since`` (all kept events if ``None``)."""
+    def _events_after(self, since: Since | None, last: int | None = None) -> Sequence[Event]:
+        """The kept events after ``since`` (all kept events if ``None``), up to seq ``last`` (default: all)."""
         history = self._history
+        if last is None:
+            last = self.last_seq
         if since is None:
-            return list(history)
+            if last == self.last_seq:
+                return list(history)
+            return [event for event in history if event.seq is not None and event.seq <= last]
         if isinstance(since, tuple):
             epoch, seq = since
             if epoch != self.epoch:
                 raise self._unavailable(f"epoch {epoch!r} is not the room's current epoch")
         else:
             seq = since
-        if seq > self.last_seq or seq < 0:
-            raise self._unavailable(f"seq {seq} is not a position of the room (last seq {self.last_seq})")
+        if seq > last or seq < 0:
+            raise self._unavailable(f"seq {seq} is not a position of the room (last seq {last})")
         first = history[0].seq if history else self.last_seq + 1
         assert first is not None
         if seq < first - 1:
             raise self._unavailable(f"events after seq {seq} are no longer kept (oldest kept: {first})")
-        return [history[index] for index in range(seq - first + 1, len(history))]
+        end = len(history) - (self.last_seq - last)
+        return [history[index] for index in range(seq - first + 1, end)]
 
     def _unavailable(self, reason: str) -> HistoryUnavailable:
         first = self._history[0].seq if self._history else None
@@ -1051,7 +1197,7 @@ class RoomActor(Actor):
 
     # -- idle ----------------------------------------------------------------------
 
-    def _idle_check(self) -> None:
+    async def _idle_check(self) -> None:
         timeout = self.config.idle_timeout
         if self._subs.by_connection:
             self.start_timer("idle", timeout, _IdleCheck())
@@ -1059,9 +1205,18 @@ class RoomActor(Actor):
         idle_for = trio.current_time() - self._last_activity
         if idle_for >= timeout - _IDLE_TOLERANCE:
             logger.debug("room %s stops after %.1f s idle", self.room_id, idle_for)
+            if self._abandoned():
+                try:
+                    await self._store.apply(self.room_id, [DeleteRoom()])
+                except Exception as exc:  # the record stays: nothing is lost
+                    logger.warning("room %s could not delete its record: %r", self.room_id, exc)
             self.stop()
             return
         self.start_timer("idle", timeout - idle_for, _IdleCheck())
+
+    def _abandoned(self) -> bool:
+        """Whether the room has nothing worth keeping: no members, bans, requests or history."""
+        return not (self._members or self._bans or self._requests or self._history)
 
     def _statistics(self) -> RoomStatistics:
         return RoomStatistics(
@@ -1104,12 +1259,24 @@ class Room:
         room_id: The room.
         ref: The ref of its :class:`RoomActor`.
         timeout: Seconds each call waits for the room's reply.
+        resolve: Finds (starting it if needed) the room's actor again: a
+            call that finds the actor stopped (idle, or removed after
+            crashing too often) asks the next incarnation, once. ``None``:
+            such a call raises ``ActorStopped``.
     """
 
-    def __init__(self, room_id: str, ref: ActorRef, *, timeout: float | None = DEFAULT_ASK_TIMEOUT) -> None:
+    def __init__(
+        self,
+        room_id: str,
+        ref: ActorRef,
+        *,
+        timeout: float | None = DEFAULT_ASK_TIMEOUT,
+        resolve: Callable[[], Awaitable[ActorRef]] | None = None,
+    ) -> None:
         self._room_id = room_id
         self._ref = ref
         self._timeout = timeout
+        self._resolve = resolve
 
     def __repr__(self) -> str:
         return f"<Room {self._room_id!r} {self._ref.path}>"
@@ -1121,10 +1288,18 @@ class Room:
 
     @property
     def ref(self) -> ActorRef:
-        """The room actor's ref."""
+        """The room actor's ref (of the incarnation this handle used last)."""
         return self._ref
 
     async def _ask(self, message: Any) -> Any:
+        try:
+            return await self._ref.ask(message, timeout=self._timeout)
+        except ActorStopped:
+            if self._resolve is None:
+                raise
+        # The actor stopped before handling the message: a new one resumes
+        # from the store.
+        self._ref = await self._resolve()
         return await self._ref.ask(message, timeout=self._timeout)
 
     async def join(
@@ -1276,6 +1451,13 @@ class Room:
         Queued without waiting for the room (updates are coalesced per user);
         ignored for non-members.
         """
+        try:
+            await self._ref.tell(SetTyping(user_id, typing))
+            return
+        except ActorStopped:
+            if self._resolve is None:
+                raise
+        self._ref = await self._resolve()
         await self._ref.tell(SetTyping(user_id, typing))
 
     async def get_typing_users(self) -> list[str]:
@@ -1342,18 +1524,54 @@ class Room:
         requests: list[JoinRequest] = await self._ask(GetJoinRequests(by))
         return requests
 
-    async def subscribe(self, subscriber: Subscriber) -> tuple[str, int]:
+    async def subscribe(self, subscriber: Subscriber, *, since: Since | None = None) -> Resumption:
         """Deliver the room's events to a member's connection.
 
+        Args:
+            subscriber: The connection (of a member).
+            since: The position of the last event the connection's client
+                processed: the kept events after it (that the member may
+                see) are delivered first, in the same step as the
+                subscription, so none is missed or repeated.
+
         Returns:
-            The room's position ``(epoch, last_seq)`` at subscription: events
-            after it are delivered.
+            The room's position at subscription (events after it are
+            delivered) and whether ``since`` was recovered. A ``since`` that
+            cannot be resumed from (another epoch, evicted events, the
+            future) subscribes all the same, with ``recovered=False``.
 
         Raises:
             NotAMember: The connection's user is not a member.
         """
-        position: tuple[str, int] = await self._ask(Subscribe(subscriber))
-        return position
+        _check_since(since)
+        resumption: Resumption = await self._ask(Subscribe(subscriber, since))
+        return resumption
+
+    async def join_connection(
+        self,
+        subscriber: Subscriber,
+        display_name: str,
+        role: str = "member",
+        *,
+        since: Since | None = None,
+        invited: bool = False,
+    ) -> RoomJoin:
+        """Join the connection's user (unless a member already) and subscribe the connection, in one step.
+
+        A member already is returned unchanged (``display_name`` and ``role``
+        only apply to a new member). See :meth:`join` and :meth:`subscribe`.
+
+        Raises:
+            Banned: The user is banned.
+            RoomFull: ``max_members`` is reached.
+            ApprovalRequired: The room admits by approval (and the user is
+                not a member).
+            NotAllowed: The connection is anonymous and the room requires auth.
+        """
+        _check_role(role)
+        _check_since(since)
+        joined: RoomJoin = await self._ask(JoinConnection(subscriber, display_name, role, invited, since))
+        return joined
 
     async def unsubscribe(self, connection_id: str) -> bool:
         """Stop delivering to a connection; returns whether it was subscribed."""

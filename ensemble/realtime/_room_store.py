@@ -11,6 +11,11 @@ as one ``MULTI``/``EXEC``.
 
 :meth:`RoomStore.load` returns a :class:`RoomRecord`: a frozen snapshot that
 shares nothing mutable with the store.
+
+A room that stops idle with nothing worth keeping (no members, bans, join
+requests or history) ends with a :class:`DeleteRoom` op, so an abandoned room
+costs nothing once its actor is gone; starting it again creates a new record
+with a new ``epoch``.
 """
 
 from __future__ import annotations
@@ -168,8 +173,18 @@ class ReplaceMessage:
     event: Event
 
 
+@attrs.frozen
+class DeleteRoom:
+    """Delete the room's record entirely (a no-op if it has none).
+
+    Later ops in the same batch need a :class:`CreateRoom` first. Redis:
+    ``DEL`` of the room's keys.
+    """
+
+
 RoomOp = (
     CreateRoom
+    | DeleteRoom
     | SetConfig
     | AddMember
     | RemoveMember
@@ -203,8 +218,8 @@ class RoomStore(Protocol):
     async def apply(self, room_id: str, ops: Sequence[RoomOp]) -> None:
         """Apply ``ops`` in order, atomically where the store can.
 
-        Every op except :class:`CreateRoom` needs the room's record to exist
-        (:class:`LookupError` otherwise).
+        Every op except :class:`CreateRoom` and :class:`DeleteRoom` needs
+        the room's record to exist (:class:`LookupError` otherwise).
         """
         ...
 
@@ -261,10 +276,17 @@ class InMemoryRoomStore:
             if isinstance(op, CreateRoom):
                 self._rooms[room_id] = _Mutable(room_id=room_id, config=op.config, epoch=op.epoch)
                 continue
+            if isinstance(op, DeleteRoom):
+                self._rooms.pop(room_id, None)
+                continue
             room = self._rooms.get(room_id)
             if room is None:
                 raise LookupError(f"room {room_id!r} has no record")
             _apply(room, op)
+
+    def room_ids(self) -> list[str]:
+        """The rooms that have a record, in creation order."""
+        return list(self._rooms)
 
     def forget(self, room_id: str) -> None:
         """Drop a room's record entirely (tests: simulate lost state)."""
@@ -303,5 +325,5 @@ def _apply(room: _Mutable, op: RoomOp) -> None:
                 if old.type == MESSAGE and old.data.get("id") == message_id:
                     room.history[index] = _copy_event(event)
                     break
-        case _:  # pragma: no cover (CreateRoom is handled by apply)
+        case _:  # pragma: no cover (CreateRoom and DeleteRoom are handled by apply)
             raise TypeError(f"unknown room op {op!r}")
