@@ -104,6 +104,16 @@ EXPECTED: dict[str, set[str]] = {
         "WatchOverflowed",
         "WebSocketRateLimiter",
         "open_hub",
+        "CLOSE_UNAUTHENTICATED",
+        "authenticate_handshake",
+        "origin_allows_cookies",
+        "set_default_authenticator",
+        "ws_auth_from_cookie",
+        "ws_auth_from_query",
+        "ws_authenticated",
+        "RATE_LIMITED",
+        "BatchTransport",
+        "LIVE_RESET",
     },
     "ensemble.actors": {
         # _actor

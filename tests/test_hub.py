@@ -481,3 +481,42 @@ async def test_the_bodys_exception_leaves_open_hub_as_itself(autojump_clock: tri
         async with open_hub():
             await trio.sleep(10)
     assert scope.cancelled_caught
+
+
+async def test_inbound_messages_are_rate_limited_by_the_connection_actor(autojump_clock: trio.testing.MockClock) -> None:
+    # The seed's chat loop: each text a client sends becomes a room message,
+    # unless the connection is over its rate limit.
+    from ensemble.realtime._connections import RATE_LIMITED
+    from ensemble.realtime._errors import RateLimited
+    from ensemble.realtime._ratelimit import WSRateLimitConfig
+
+    config = HubConfig(rate_limit=WSRateLimitConfig(messages_per_second=3, messages_per_minute=100, burst_size=3), max_rate_violations=2)
+    async with open_hub(config) as hub:
+        room = await hub.room("chat")
+
+        async def on_message(info: ConnectionInfo, text: Any) -> Any:
+            assert info.user_id is not None
+            return (await room.send_message(info.user_id, text)).seq
+
+        hub.connections.on_message = on_message
+        spammer = MemoryTransport()
+        alice = await hub.connect(spammer, user_id="alice")
+        await hub.join_room(alice.connection_id, "chat")
+        assert [await hub.connections.receive(alice.connection_id, f"m{n}") for n in range(3)] == [2, 3, 4]
+        with pytest.raises(RateLimited) as limited:
+            await hub.connections.receive(alice.connection_id, "too fast")
+        assert limited.value.retry_after > 0
+        assert hub.is_online("alice")  # one violation: refused, still open
+        with pytest.raises(RateLimited, match="closed"):
+            await hub.connections.receive(alice.connection_id, "spam")
+        assert spammer.close_code == RATE_LIMITED
+        assert not hub.is_online("alice")
+        assert [m.content for m in await room.get_history()] == ["m0", "m1", "m2"]
+        # Another connection of another user was never limited by alice's.
+        bob = await hub.connect(MemoryTransport(), user_id="bob")
+        with pytest.raises(NotAMember):  # the handler's error is the answer; the connection stays
+            await hub.connections.receive(bob.connection_id, "hi")
+        await hub.join_room(bob.connection_id, "chat")
+        assert await hub.connections.receive(bob.connection_id, "hi") > 4
+        assert hub.is_online("bob")
+        assert hub.rate_limiter.statistics().refused == 2

@@ -113,11 +113,6 @@ def test_seed_names_are_exported() -> None:
     assert issubclass(ensemble.TooManyConnections, ConnectionError)
 
 
-@pytest.mark.xfail(
-    reason="seed 000's auth helpers (ws_authenticated, ws_auth_from_query, ws_auth_from_cookie, close 4001) "
-    "are not implemented anywhere (possibly deferred to the server issue, but issue 3 lists them)",
-    strict=True,
-)
 def test_seed_auth_helpers_exist() -> None:
     for name in ("ws_authenticated", "ws_auth_from_query", "ws_auth_from_cookie"):
         assert hasattr(ensemble.realtime, name), name

@@ -4,11 +4,22 @@ Start them all with :func:`open_hub`; each room, user mailbox and connection
 is its own supervised actor. See ``docs/embedding.md``.
 """
 
+from ._auth import (
+    CLOSE_UNAUTHENTICATED as CLOSE_UNAUTHENTICATED,
+    authenticate_handshake as authenticate_handshake,
+    origin_allows_cookies as origin_allows_cookies,
+    set_default_authenticator as set_default_authenticator,
+    ws_auth_from_cookie as ws_auth_from_cookie,
+    ws_auth_from_query as ws_auth_from_query,
+    ws_authenticated as ws_authenticated,
+)
 from ._connections import (
     CLOSE_GOING_AWAY as CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR as CLOSE_INTERNAL_ERROR,
     CLOSE_NORMAL as CLOSE_NORMAL,
+    RATE_LIMITED as RATE_LIMITED,
     SLOW_CONSUMER as SLOW_CONSUMER,
+    BatchTransport as BatchTransport,
     ConnectionManager as ConnectionManager,
     ConnectionManagerStatistics as ConnectionManagerStatistics,
     MemoryTransport as MemoryTransport,
@@ -33,6 +44,7 @@ from ._errors import (
 from ._events import Audience as Audience, Event as Event, Subscriber as Subscriber
 from ._hub import Hub as Hub, HubConfig as HubConfig, open_hub as open_hub
 from ._live import (
+    LIVE_RESET as LIVE_RESET,
     LiveConfig as LiveConfig,
     LiveQuery as LiveQuery,
     LiveStatistics as LiveStatistics,

@@ -80,6 +80,8 @@ DATA: Final = "data"
 
 Hook = Callable[[ConnectionInfo], Awaitable[None]]
 UserHook = Callable[[str], Awaitable[None]]
+OpenedHook = Callable[[ConnectionInfo, Any], Awaitable[None]]
+"""The owner's wiring of a new connection: its info and ``connect``'s ``context``."""
 InboundHandler = Callable[[ConnectionInfo, Any], Awaitable[Any]]
 """Handles one inbound message of a connection; its result is the reply."""
 
@@ -529,9 +531,12 @@ class ConnectionManager:
             ``transport.close``) before the connection is closed by force.
         on_user_online: Awaited when a user's first connection opens.
         on_user_offline: Awaited when a user's last connection closes.
-        on_opened: Awaited when a connection has opened, before
-            ``on_user_online`` and ``on_connect``, for the owner's own wiring
-            (the hub attaches the connection to its user's mailbox there).
+        on_opened: Awaited with a new connection's info and the ``context``
+            given to :meth:`connect`, before ``on_user_online`` and
+            ``on_connect``, for the owner's own wiring (the hub attaches the
+            connection to its user's mailbox there, replaying from the
+            position in ``context``). An exception from it fails the
+            ``connect`` (the connection is closed again).
         on_closed: Awaited first when a connection closes, before
             ``on_user_offline`` and ``on_disconnect``, for the owner's own
             clean-up (the hub leaves rooms and live queries there).
@@ -564,7 +569,7 @@ class ConnectionManager:
         close_timeout: float = 5.0,
         on_user_online: UserHook | None = None,
         on_user_offline: UserHook | None = None,
-        on_opened: Hook | None = None,
+        on_opened: OpenedHook | None = None,
         on_closed: Hook | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -621,6 +626,8 @@ class ConnectionManager:
         transport: Transport,
         user_id: str | None = None,
         metadata: Mapping[str, object] | None = None,
+        *,
+        context: Any = None,
     ) -> ConnectionInfo:
         """Register a connection and start its actor.
 
@@ -628,6 +635,8 @@ class ConnectionManager:
             transport: Where the connection's events are written.
             user_id: The authenticated user, or ``None`` when anonymous.
             metadata: Custom metadata (copied).
+            context: Handed to the owner's ``on_opened`` wiring with the
+                connection's info (the hub's resume position), not stored.
 
         Returns:
             A snapshot of the new connection.
@@ -682,7 +691,13 @@ class ConnectionManager:
             conn.done.set()
             raise
         self._connected += 1
-        await self._call(self._on_opened, conn.info(), "on_opened")
+        if self._on_opened is not None:
+            try:
+                await self._on_opened(conn.info(), context)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.disconnect(connection_id, code=CLOSE_INTERNAL_ERROR, reason="internal error")
+                raise
         if user_id is not None and user_id not in self._online and conn.registered:
             self._online.add(user_id)
             await self._call(self.on_user_online, user_id, "on_user_online")

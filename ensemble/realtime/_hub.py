@@ -30,7 +30,6 @@ incarnation from the store, with no subscribers.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import logging
 import tomllib
@@ -70,19 +69,20 @@ ROOM_FAILED = "failed"
 
 @attrs.define
 class _Connecting:
-    """What ``Hub.connect`` hands its ``on_opened`` wiring (in a context variable)."""
+    """What ``Hub.connect`` hands its ``on_opened`` wiring (as ``context``)."""
 
     notifications_since: tuple[str, int] | None
-    claimed: bool = False
     notifications: Resumption | None = None
-
-
-_CONNECTING: contextvars.ContextVar[_Connecting | None] = contextvars.ContextVar("ensemble_hub_connecting", default=None)
 
 
 def _valid_name(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if not value or "/" in value:
         raise ValueError(f"{attribute.name} must be non-empty without '/', got {value!r}")
+
+
+def _at_least_one_or_none(attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1 or None, got {value}")
 
 
 @attrs.frozen(kw_only=True)
@@ -104,6 +104,8 @@ class HubConfig:
         notifications_per_user: Most notifications kept per user.
         mailbox_idle_timeout: Seconds before an idle user mailbox stops.
         rate_limit: The inbound rate limit of every connection.
+        max_rate_violations: Inbound messages over the rate limit in a row
+            after which a connection is closed (4029); ``None``: never.
         live: Live-query settings.
     """
 
@@ -119,6 +121,7 @@ class HubConfig:
     notifications_per_user: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
     mailbox_idle_timeout: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
     rate_limit: WSRateLimitConfig = attrs.field(factory=WSRateLimitConfig)
+    max_rate_violations: int | None = attrs.field(default=3, validator=lambda _, attribute, value: _at_least_one_or_none(attribute, value))
     live: LiveConfig = attrs.field(factory=LiveConfig)
 
     @classmethod
@@ -207,7 +210,8 @@ class Hub:
         connections: The :class:`ConnectionManager` (the seed's API).
         notifications: The :class:`NotificationManager` (the seed's API).
         live: The :class:`LiveQuery` (the seed's API, plus enter/leave).
-        rate_limiter: The inbound :class:`WebSocketRateLimiter`, on Trio's
+        rate_limiter: The inbound :class:`WebSocketRateLimiter` that every
+            connection actor checks in ``connections.receive``, on Trio's
             clock (so it follows a mock clock in tests).
         supervisor: The root supervisor (for ``snapshot()`` and metrics).
     """
@@ -228,7 +232,8 @@ class Hub:
         self.connections = connections
         self.notifications = notifications
         self.live = live
-        self.rate_limiter = WebSocketRateLimiter(config.rate_limit, clock=trio.current_time)
+        assert connections.rate_limiter is not None
+        self.rate_limiter: WebSocketRateLimiter = connections.rate_limiter
         self.room_store = room_store
         self._rooms_supervisor = rooms_supervisor
         self._room_configs: dict[str, RoomConfig] = {}
@@ -398,33 +403,25 @@ class Hub:
                 raise ValueError("notifications_since needs a user_id: an anonymous connection gets no notifications")
             _check_position("notifications_since", notifications_since)
         connecting = _Connecting(notifications_since)
-        token = _CONNECTING.set(connecting)
-        try:
-            info = await self.connections.connect(transport, user_id, metadata)
-        finally:
-            _CONNECTING.reset(token)
+        info = await self.connections.connect(transport, user_id, metadata, context=connecting)
         return Connected(**attrs.asdict(info, recurse=False), notifications=connecting.notifications)
 
-    async def _connection_opened(self, info: ConnectionInfo) -> None:
+    async def _connection_opened(self, info: ConnectionInfo, context: Any) -> None:
         """Wire a new connection, however it was opened: attach it to its
         user's mailbox so every device gets the user's notifications.
 
-        Awaited by the connection manager inside ``connect``, so the
-        ``notifications_since`` of a :meth:`connect` in progress is at hand
-        (in a context variable): the attachment replays from it.
+        Awaited by the connection manager inside ``connect``, with the
+        ``context`` given to it: a :class:`_Connecting` from :meth:`connect`
+        (the attachment replays from its position and records the outcome),
+        or ``None`` for a connection opened on the manager directly.
         """
         if info.user_id is None:
             return
         subscriber = self.connections.get_subscriber(info.connection_id)
         if subscriber is None:
             return
-        connecting = _CONNECTING.get()
-        if connecting is not None and connecting.claimed:
-            connecting = None  # opened by a hook of the connect in progress: not that connection
-        since = None
-        if connecting is not None:
-            connecting.claimed = True
-            since = connecting.notifications_since
+        connecting = context if isinstance(context, _Connecting) else None
+        since = None if connecting is None else connecting.notifications_since
         attached = await self.notifications.attach(info.user_id, subscriber, since=since, strict=False)
         if connecting is not None:
             connecting.notifications = Resumption(
@@ -513,7 +510,6 @@ class Hub:
         await self.live.unwatch_connection(info.connection_id)
         if info.user_id is not None:
             await self.notifications.detach(info.user_id, info.connection_id)
-        self.rate_limiter.reset(info.connection_id)
 
     # -- presence and introspection ----------------------------------------------------
 
@@ -558,9 +554,9 @@ async def open_hub(
     store = room_store if room_store is not None else InMemoryRoomStore()
     hub: Hub | None = None
 
-    async def opened(info: ConnectionInfo) -> None:
+    async def opened(info: ConnectionInfo, context: Any) -> None:
         if hub is not None:
-            await hub._connection_opened(info)
+            await hub._connection_opened(info, context)
 
     async def closed(info: ConnectionInfo) -> None:
         if hub is not None:
@@ -587,6 +583,8 @@ async def open_hub(
             outbox_max_bytes=config.outbox_max_bytes,
             on_opened=opened,
             on_closed=closed,
+            rate_limiter=WebSocketRateLimiter(config.rate_limit, clock=trio.current_time),
+            max_rate_violations=config.max_rate_violations,
         )
         hub = Hub(
             config=config,
