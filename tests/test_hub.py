@@ -520,3 +520,28 @@ async def test_inbound_messages_are_rate_limited_by_the_connection_actor(autojum
         assert await hub.connections.receive(bob.connection_id, "hi") > 4
         assert hub.is_online("bob")
         assert hub.rate_limiter.statistics().refused == 2
+
+
+async def test_room_config_given_to_a_running_room_is_applied_and_stored(autojump_clock: trio.testing.MockClock) -> None:
+    store = InMemoryRoomStore()
+    async with open_hub(room_store=store) as hub:
+        room = await hub.room("r", RoomConfig(max_members=5))
+        await room.join("a", "A")
+        for n in range(4):
+            await room.send_message("a", f"m{n}")
+        same = await hub.room("r", RoomConfig(max_members=5))
+        assert await same.configure(RoomConfig(max_members=5)) is False  # unchanged
+        await hub.room("r", RoomConfig(max_members=1, history_size=2, rate_limit=1))
+        assert "r" in hub.rooms_running()
+        with pytest.raises(PermissionError):
+            await room.join("b", "B")  # full now
+        assert [m.content for m in await room.get_history()] == ["m2", "m3"]  # the newest two events
+        await room.send_message("a", "one a minute")
+        with pytest.raises(PermissionError):
+            await room.send_message("a", "too many")
+        record = await store.load("r")
+        assert record is not None
+        assert (record.config.max_members, record.config.history_size) == (1, 2)
+        assert hub._room_configs == {}
+        with pytest.raises(TypeError):
+            await room.configure("not a config")  # type: ignore[arg-type]

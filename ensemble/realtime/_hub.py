@@ -255,17 +255,21 @@ class Hub:
 
         Args:
             room_id: The room; non-empty, no ``/``, at most 200 characters.
-            config: Used when the room starts (first use, or after an idle
-                stop); ``None`` keeps the stored config, or the hub's default
-                for a new room. A room that is running keeps the config it
-                started with.
+            config: The room's configuration: used when the room starts
+                (first use, or after an idle stop), and applied at once to a
+                running room (see :meth:`Room.configure`); either way it is
+                stored. ``None`` keeps the stored config, or the hub's
+                default for a new room.
 
         Raises:
             ValueError: An invalid room id.
         """
         _check_id("room id", room_id)
         ref = await self._room_ref(room_id, config)
-        return Room(room_id, ref, resolve=functools.partial(self._room_ref, room_id))
+        room = Room(room_id, ref, resolve=functools.partial(self._room_ref, room_id))
+        if config is not None and self._room_configs.pop(room_id, None) is not None:
+            await room.configure(config)  # no start took it: the room was running
+        return room
 
     async def _room_ref(self, room_id: str, config: RoomConfig | None = None) -> ActorRef:
         if config is not None:

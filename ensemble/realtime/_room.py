@@ -395,6 +395,13 @@ class GetStatistics:
 
 
 @attrs.frozen
+class Configure:
+    """Replace the room's configuration (persisted; applied at once)."""
+
+    config: RoomConfig
+
+
+@attrs.frozen
 class _TypingExpired:
     user_id: str
 
@@ -741,6 +748,8 @@ class RoomActor(Actor):
                 return list(self._requests.values())
             case GetStatistics():
                 return self._statistics()
+            case Configure(config):
+                return self._configure(config)
         raise TypeError(f"room {self.room_id} got an unknown message {message!r}")
 
     # -- events ----------------------------------------------------------------
@@ -1214,6 +1223,21 @@ class RoomActor(Actor):
             return
         self.start_timer("idle", timeout - idle_for, _IdleCheck())
 
+    def _configure(self, config: RoomConfig) -> bool:
+        if config == self.config:
+            return False
+        old, self.config = self.config, config
+        self._ops.append(SetConfig(config))
+        if config.rate_limit != old.rate_limit:
+            # The new limit counts from now (the old windows are not carried over).
+            self._limit = SlidingWindowLimit(config.rate_limit, MESSAGE_WINDOW, clock=trio.current_time)
+        while len(self._history) > config.history_size:
+            self._history.popleft()
+        if config.idle_timeout != old.idle_timeout:
+            self.start_timer("idle", config.idle_timeout, _IdleCheck())
+        # Members beyond a lowered max_members stay; new joins are refused.
+        return True
+
     def _abandoned(self) -> bool:
         """Whether the room has nothing worth keeping: no members, bans, requests or history."""
         return not (self._members or self._bans or self._requests or self._history)
@@ -1459,6 +1483,25 @@ class Room:
                 raise
         self._ref = await self._resolve()
         await self._ref.tell(SetTyping(user_id, typing))
+
+    async def configure(self, config: RoomConfig) -> bool:
+        """Replace the room's configuration, persisted and applied at once.
+
+        Members beyond a lowered ``max_members`` stay (new joins are
+        refused); a lowered ``history_size`` drops the oldest events now; a
+        changed ``rate_limit`` counts from now; typing timers already running
+        keep their timeout.
+
+        Returns:
+            Whether the configuration changed.
+
+        Raises:
+            TypeError: ``config`` is not a :class:`RoomConfig`.
+        """
+        if not isinstance(config, RoomConfig):
+            raise TypeError(f"expected a RoomConfig, got {type(config).__name__}")
+        changed: bool = await self._ask(Configure(config))
+        return changed
 
     async def get_typing_users(self) -> list[str]:
         """Members typing now, in the order they started."""
