@@ -563,3 +563,33 @@ def test_manager_settings_are_validated() -> None:
         NotificationManager(sup, idle_timeout=0)
     with pytest.raises(ValueError, match="callback_timeout"):
         NotificationManager(sup, callback_timeout=-1)
+
+
+async def test_a_crash_looping_mailbox_is_given_up_on_alone_and_comes_back(
+    supervisor: Supervisor, fault_injector: FaultInjector, autojump_clock: trio.testing.MockClock
+) -> None:
+    manager = make(supervisor, max_restarts=2, max_seconds=10.0)
+    phone = Device("phone", "u")
+    await manager.attach("u", phone)
+    await manager.send("u", "kept", "b")
+    await manager.send("bystander", "t", "b")
+    bystander = mailbox(manager, "bystander")
+    ref = mailbox(manager, "u")
+    for _ in range(3):  # the third crash within 10 s is one too many
+        fault_injector.crash_next(ref)
+        with pytest.raises(ActorCrashed):
+            await manager.get_unread("u")
+        await trio.testing.wait_all_tasks_blocked()
+    assert not ref.alive
+    assert manager.mailbox("u") is None
+    assert supervisor.statistics().children_given_up == 1
+    assert bystander.alive  # the others carry on
+    assert bystander.statistics().restarts == 0
+    # The next use starts the mailbox afresh, from its store, with the device attached.
+    again = await manager.send("u", "again", "b")
+    assert again.seq == 2
+    assert [n.title for n in await manager.get_all("u")] == ["kept", "again"]
+    assert phone.events[-1].seq == 2
+    assert manager.is_online("u")
+    with pytest.raises(ValueError, match="max_restarts"):
+        make(supervisor, max_restarts=-1)

@@ -103,6 +103,9 @@ class HubConfig:
             a slow consumer and is closed with its resume positions.
         notifications_per_user: Most notifications kept per user.
         mailbox_idle_timeout: Seconds before an idle user mailbox stops.
+        mailbox_max_restarts: Restarts a user mailbox may take ...
+        mailbox_max_seconds: ... within this many seconds, before it is
+            given up on alone (its next use starts it again from its store).
         rate_limit: The inbound rate limit of every connection.
         max_rate_violations: Inbound messages over the rate limit in a row
             after which a connection is closed (4029); ``None``: never.
@@ -120,6 +123,8 @@ class HubConfig:
     outbox_max_bytes: int = attrs.field(default=DEFAULT_MAX_BYTES, validator=attrs.validators.ge(1))
     notifications_per_user: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
     mailbox_idle_timeout: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    mailbox_max_restarts: int = attrs.field(default=3, validator=attrs.validators.ge(0))
+    mailbox_max_seconds: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     rate_limit: WSRateLimitConfig = attrs.field(factory=WSRateLimitConfig)
     max_rate_violations: int | None = attrs.field(default=3, validator=lambda _, attribute, value: _at_least_one_or_none(attribute, value))
     live: LiveConfig = attrs.field(factory=LiveConfig)
@@ -574,6 +579,8 @@ async def open_hub(
             notification_store,
             max_per_user=config.notifications_per_user,
             idle_timeout=config.mailbox_idle_timeout,
+            max_restarts=config.mailbox_max_restarts,
+            max_seconds=config.mailbox_max_seconds,
         )
         await root.start_child(ChildSpec(id="relay", factory=lambda: _RelayActor(notifications)))
         live = await start_live_query(root, id="live", config=config.live)

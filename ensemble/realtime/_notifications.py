@@ -495,6 +495,11 @@ class NotificationManager:
         on_online: Called with the user id when a user's first device attaches.
         on_offline: Called with the user id when a user's last device detaches.
         clock: The wall clock for ``created_at`` (Unix time).
+        max_restarts: Restarts one user's mailbox may take ...
+        max_seconds: ... within this many seconds before the supervisor gives
+            up on it alone (other users are unaffected). Its devices stay
+            attached and its state stays in the store: the next use of the
+            user's mailbox starts it afresh.
 
     Callbacks run inside the user's mailbox, one at a time: subscription
     callbacks right after ``send`` has returned (before the mailbox handles
@@ -522,7 +527,11 @@ class NotificationManager:
         on_online: PresenceCallback | None = None,
         on_offline: PresenceCallback | None = None,
         clock: Callable[[], float] = time.time,
+        max_restarts: int = 3,
+        max_seconds: float = 5.0,
     ) -> None:
+        if max_restarts < 0 or max_seconds < 0:
+            raise ValueError(f"max_restarts and max_seconds must be >= 0, got {max_restarts} and {max_seconds}")
         if max_per_user < 1:
             raise ValueError(f"max_per_user must be >= 1, got {max_per_user}")
         for name, value in (("idle_timeout", idle_timeout), ("callback_timeout", callback_timeout), ("ask_timeout", ask_timeout)):
@@ -539,6 +548,8 @@ class NotificationManager:
             on_offline=on_offline,
         )
         self._ask_timeout = ask_timeout
+        self._max_restarts = max_restarts
+        self._max_seconds = max_seconds
         self._sub_ids = itertools.count(1)
 
     @property
@@ -557,7 +568,13 @@ class NotificationManager:
         ref = self.mailbox(user_id)
         if ref is not None:
             return ref
-        spec = ChildSpec(id=user_id, factory=partial(UserMailbox, self._shared, user_id), restart="transient")
+        spec = ChildSpec(
+            id=user_id,
+            factory=partial(UserMailbox, self._shared, user_id),
+            restart="transient",
+            max_restarts=self._max_restarts,
+            max_seconds=self._max_seconds,
+        )
         try:
             return await self._supervisor.start_child(spec)
         except ValueError:
