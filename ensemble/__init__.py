@@ -28,7 +28,6 @@ from .realtime import (
     RoomFull as RoomFull,
     RoomMember as RoomMember,
     RoomMessage as RoomMessage,
-    SlowConsumer as SlowConsumer,
     TooManyConnections as TooManyConnections,
     WebSocketRateLimiter as WebSocketRateLimiter,
     WSRateLimitConfig as WSRateLimitConfig,

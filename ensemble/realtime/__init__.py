@@ -38,7 +38,6 @@ from ._errors import (
     RateLimited as RateLimited,
     RealtimeError as RealtimeError,
     RoomFull as RoomFull,
-    SlowConsumer as SlowConsumer,
     TooManyConnections as TooManyConnections,
 )
 from ._events import Audience as Audience, Event as Event, Subscriber as Subscriber

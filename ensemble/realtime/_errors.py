@@ -75,16 +75,3 @@ class HistoryUnavailable(RealtimeError, LookupError):
 
 class TooManyConnections(RealtimeError, ConnectionError):
     """``max_connections`` (global or per user) is reached."""
-
-
-class SlowConsumer(RealtimeError, ConnectionError):
-    """A connection's outbound queue overflowed; it is being closed.
-
-    Attributes:
-        positions: Per topic, the ``(epoch, seq)`` of the last event that was
-            queued for the connection, to resume from.
-    """
-
-    def __init__(self, message: str, *, positions: dict[str, tuple[str, int]]) -> None:
-        super().__init__(message)
-        self.positions = positions
