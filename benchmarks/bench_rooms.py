@@ -50,6 +50,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import attrs
@@ -324,8 +325,13 @@ async def _hub_room(n: int, k: int, mode: str, content: str, batch_frames: bool)
         connection_ids = []
         for i, transport in enumerate(transports):
             info = await hub.connect(transport, f"u{i}")
-            await hub.join_room(info.connection_id, "bench")
             connection_ids.append(info.connection_id)
+        # Everyone joins at once (like clients connecting together): the room
+        # handles the joins in batches, so connections wake once per batch
+        # for the presence and join events, not once per join.
+        async with trio.open_nursery() as nursery:
+            for connection_id in connection_ids:
+                nursery.start_soon(partial(hub.join_room, connection_id, "bench"))
         await trio.testing.wait_all_tasks_blocked()
         for transport in transports:
             transport.sent.clear()  # joins and presence
