@@ -82,7 +82,7 @@ def test_from_cookie() -> None:
 @pytest.mark.parametrize(
     ("headers", "allowed", "ok"),
     [
-        ([], None, True),  # not a browser
+        ([], None, False),  # no Origin: a cookie cannot be trusted (a non-browser client uses a token)
         ([("origin", "https://chat.example.com"), ("host", "chat.example.com")], None, True),
         ([("origin", "https://evil.example"), ("host", "chat.example.com")], None, False),
         ([("origin", "https://chat.example.com.evil.example"), ("host", "chat.example.com")], None, False),

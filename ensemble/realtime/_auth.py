@@ -22,8 +22,10 @@ Security rules (the fourth seed's warnings):
 * A cookie is sent by the browser whatever page opened the socket
   (cross-site WebSocket hijacking), so a cookie credential is used only when
   the handshake's ``Origin`` is acceptable: exactly one of
-  ``allowed_origins`` when given, else absent (not a browser) or the same
-  origin as the ``Host`` header. Exact comparisons only, no suffix matching.
+  ``allowed_origins`` when given, else the same origin as the ``Host``
+  header. A handshake without ``Origin`` cannot use a cookie (a non-browser
+  client presents a token instead). Exact comparisons only, no suffix
+  matching.
 """
 
 from __future__ import annotations
@@ -159,22 +161,21 @@ def origin_allows_cookies(ws: Any, allowed_origins: Collection[str] | None = Non
     Args:
         ws: An ASGI scope, or an object with a ``scope`` attribute.
         allowed_origins: Exact origins (``"https://chat.example.com"``)
-            allowed to open authenticated sockets. ``None``: a handshake
-            without ``Origin`` (not a browser), or whose ``Origin`` is the
-            same host as its ``Host`` header.
+            allowed to open cookie-authenticated sockets. ``None``: only an
+            ``Origin`` with the same host as the ``Host`` header.
 
     Returns:
-        ``True`` when the ``Origin`` is acceptable.
+        ``True`` when the ``Origin`` is acceptable; ``False`` without one.
     """
     scope = _scope(ws)
     origins = _headers(scope, b"origin")
     if len(origins) > 1:
         return False
     origin = origins[0].strip() if origins else None
-    if allowed_origins is not None:
-        return origin is not None and origin in allowed_origins
     if origin is None:
-        return True
+        return False
+    if allowed_origins is not None:
+        return origin in allowed_origins
     hosts = _headers(scope, b"host")
     if len(hosts) != 1 or origin == "null":
         return False
