@@ -25,13 +25,14 @@ after ``gc.collect()``):
 * traced bytes: ``tracemalloc``, in :func:`test_used_rooms_return_their_traced_bytes`
   only (at :data:`TRACED_ROOMS`).
 
-Stores: what must outlive an actor stays in its store on purpose (room
-records, notifications). Each test first checks that the store holds exactly
-that, then empties it (``InMemoryRoomStore.forget``, or
-:meth:`DroppableNotificationStore.drop_all`), and only then compares the
-footprint with the baseline. So what is compared is everything *except* the
-stored state, and the stored state is checked on its own to be exactly what
-it should be.
+Stores: what must outlive an actor stays in its store on purpose (the
+records of rooms that were used, notifications), and a room with nothing
+worth keeping deletes its record when it idles out. Each test first checks
+that the store holds exactly that, then empties it
+(``InMemoryRoomStore.forget``, or :meth:`DroppableNotificationStore.drop_all`),
+and only then compares the footprint with the baseline. So what is compared
+is everything *except* the stored state, and the stored state is checked on
+its own to be exactly what it should be.
 
 Baseline: each test first runs its scenario once at :data:`WARM_UP` size and
 reaps it, so one-off lazy state (first-call caches, the first ``uuid``, ...)
@@ -80,15 +81,26 @@ from ensemble.realtime._room_store import InMemoryRoomStore
 IDLE = 5.0
 """The rooms' and mailboxes' idle timeout (virtual seconds)."""
 
-ROOMS = 50_000
-"""Abandoned rooms in the full-size test (first use: ``hub.room``).
+ROOMS = 100_000
+"""Abandoned rooms in the full-size test (first use: ``hub.room``): the
+issue's 100,000.
 
-The issue asks for 100,000. On the 2-core CI machine that took about 90 s of
-wall time (a prototype of this test: 72 s to start them, one supervisor round
-trip of four Trio scheduler batches each, a third of it in the garbage
-collector; 12 s to reap; 4 s to forget), above the ~60 s this test may take,
-so it runs the largest size that fits (about 35 s). At 100,000 the prototype
-left the same constant residue as at 1,000 and 10,000: nothing grew with N.
+On the 2-core CI machine, with little else running, the test takes about
+25 s of wall time: 15 to 16 s to start the rooms (about 155 us each, half of
+it in the garbage collector's 15 full collections, which walk every live
+object: about 52 per room), 2 s for the ``gc.collect()`` of the peak
+footprint, and 7 to 9 s to reap them (including one full collection while
+most rooms are still in memory). Concurrent test runs on the same machine
+make it up to twice as long. Starting a room takes two Trio scheduler
+batches: ``start_child`` on an idle supervisor registers the child and
+spawns its task itself rather than making a round trip through the
+supervisor's control loop (see :mod:`ensemble.actors._supervisor`).
+
+Before that change (four scheduler batches and 76 objects per room, and a
+stopped room's cell freed only by a full collection) this test took about
+40 s here at this size, and the first prototype about 90 s on a busy machine,
+so it ran 50,000 rooms. The residue is the same at 1,000, 10,000 and 100,000
+rooms (46 to 48 blocks): nothing grows with N.
 """
 
 TRACED_ROOMS = 3_000
@@ -255,13 +267,13 @@ async def abandon_rooms(hub: Hub, store: InMemoryRoomStore, prefix: str, n: int,
     await idle_out()
     assert hub.rooms_running() == []
     assert children(hub)["rooms"] == 0
+    if not use:  # nothing worth keeping: each room deleted its record
+        assert not [room_id for room_id in store.room_ids() if room_id.startswith(prefix)]
+        return
     for i in range(n):
         record = await store.load(f"{prefix}{i}")
-        assert record is not None
-        if use:  # member_joined (seq 1) and the message (seq 2)
-            assert (list(record.members), record.last_seq, record.history[-1].data["content"]) == (["alice"], 2, "hello")
-        else:
-            assert (dict(record.members), record.last_seq) == ({}, 0)
+        assert record is not None  # member_joined (seq 1) and the message (seq 2)
+        assert (list(record.members), record.last_seq, record.history[-1].data["content"]) == (["alice"], 2, "hello")
         store.forget(f"{prefix}{i}")
 
 
@@ -279,11 +291,7 @@ async def test_abandoned_rooms_are_reaped_to_the_baseline(autojump_clock: trio.t
         assert peak.blocks - baseline.blocks >= 10 * ROOMS  # the measure sees the rooms
 
         await idle_out()
-        for i in range(ROOMS):
-            record = await store.load(f"r{i}")
-            assert record is not None
-            assert record.last_seq == 0
-            store.forget(f"r{i}")
+        assert store.room_ids() == []  # nothing worth keeping: each room deleted its record
         (await footprint(hub)).assert_back_to(baseline)
 
 

@@ -50,6 +50,25 @@ async def test_concurrent_first_use_starts_one_child(autojump_clock: trio.testin
         assert registry.running() == ["general"]
 
 
+async def test_concurrent_first_use_of_many_ids_starts_each_once(autojump_clock: trio.testing.MockClock) -> None:
+    starts.clear()
+    ids = [f"room{i}" for i in range(50)]
+    async with open_supervisor(name="rooms") as sup:
+        registry = OnDemand(sup, spec)
+        refs: dict[str, set[int]] = {room: set() for room in ids}
+
+        async def use(room: str) -> None:
+            refs[room].add(id(await registry.get(room)))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                for room in ids:
+                    nursery.start_soon(use, room)
+        assert sorted(starts) == sorted(ids)
+        assert all(len(seen) == 1 for seen in refs.values())
+        assert sorted(registry.running()) == sorted(ids)
+
+
 async def test_ask_after_the_child_stopped_itself_starts_a_new_one(autojump_clock: trio.testing.MockClock) -> None:
     starts.clear()
     async with open_supervisor(name="rooms") as sup:

@@ -7,10 +7,13 @@ a :class:`Journal`; the assertions read it back.
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import gc
 import itertools
 import math
 import random
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -1038,3 +1041,159 @@ async def test_a_child_limit_window_slides(autojump_clock: trio.testing.MockCloc
             await trio.sleep(6)
         assert await ref.ask("still here") == "still here"
         assert ref.statistics().restarts == 4
+
+
+# -- starting children: one at a time, the fast path, bursts -------------------------
+
+
+class SlowStart(Actor):
+    """Takes ``seconds`` (virtual) in ``on_start``; ``fail`` makes it raise then."""
+
+    def __init__(self, name: str, journal: Journal, seconds: float, fail: bool) -> None:
+        self.name = name
+        self.journal = journal
+        self.seconds = seconds
+        self.fail = fail
+
+    async def on_start(self) -> None:
+        self.journal.record("starting", self.name)
+        await trio.sleep(self.seconds)
+        if self.fail:
+            raise StartFailed(f"{self.name} failed to start")
+        self.journal.record("started", self.name)
+
+    async def on_stop(self) -> None:
+        self.journal.record("stop", self.name)
+
+    async def receive(self, message: Any) -> Any:
+        return (self.name, message)
+
+
+def slow(journal: Journal, name: str, seconds: float = 1.0, *, fail: bool = False) -> ChildSpec:
+    return ChildSpec(id=name, factory=functools.partial(SlowStart, name, journal, seconds, fail))
+
+
+async def test_concurrent_start_child_calls_start_each_id_once_one_at_a_time(
+    autojump_clock: trio.testing.MockClock, journal: Journal
+) -> None:
+    names = [f"c{i % 20}" for i in range(60)]  # each id asked for by three tasks at once
+    started: dict[str, list[ActorRef]] = {}
+    duplicates: list[str] = []
+
+    async def start(sup: Supervisor, name: str) -> None:
+        try:
+            started.setdefault(name, []).append(await sup.start_child(slow(journal, name)))
+        except ValueError as exc:
+            duplicates.append(str(exc))
+
+    async with open_supervisor(name="sup") as sup:
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(start, sup, name)
+        # The first call of each id started it; the two others got ValueError.
+        assert sorted(started) == sorted(set(names))
+        assert all(len(refs) == 1 for refs in started.values())
+        assert sorted(duplicates) == sorted(f"/sup already has a child {name!r}" for name in set(names) for _ in range(2))
+        assert sup.count_children() == ChildCounts(specs=20, active=20, supervisors=0, workers=20)
+        for name, (ref,) in started.items():
+            assert sup.child(name) is ref
+            assert await ref.ask("hello") == (name, "hello")
+        # One on_start at a time: each ended before the next began.
+        events = journal.of("starting", "started")
+        assert [kind for kind, _, _ in events] == ["starting", "started"] * 20
+        assert all(events[i][1] == events[i + 1][1] for i in range(0, 40, 2))
+        assert trio.current_time() == 20
+
+
+async def test_a_start_goes_on_when_its_caller_is_cancelled(autojump_clock: trio.testing.MockClock, journal: Journal) -> None:
+    async with open_supervisor(name="sup") as sup:
+        with trio.move_on_after(0.5) as waited:
+            await sup.start_child(slow(journal, "a"))
+        assert waited.cancelled_caught
+        assert [(info.id, info.running) for info in sup.which_children()] == [("a", False)]  # still starting
+        await trio.sleep(1)
+        ref = sup.child("a")
+        assert isinstance(ref, ActorRef)
+        assert await ref.ask("hello") == ("a", "hello")
+        # A start that fails after its caller gave up is undone all the same.
+        with trio.move_on_after(0.5):
+            await sup.start_child(slow(journal, "b", fail=True))
+        await trio.sleep(1)
+        assert sup.child("b") is None
+        assert await (await sup.start_child(slow(journal, "b", 0))).ask("hello") == ("b", "hello")
+        assert journal.names("started") == ["a", "b"]
+
+
+async def test_commands_sent_during_a_start_wait_for_it(autojump_clock: trio.testing.MockClock, journal: Journal) -> None:
+    async with open_supervisor(name="sup") as sup:
+        await sup.start_child(worker(journal, "a"))
+
+        async def start_b() -> None:
+            await sup.start_child(slow(journal, "b"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start_b)
+            await settle()  # b's on_start is under way
+            await sup.terminate_child("a")
+            assert trio.current_time() == 1
+        assert journal.of("started", "stop") == [("started", "b", 1.0), ("stop", "a", 1.0)]
+        assert [info.id for info in sup.which_children()] == ["b"]
+
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="unset")
+
+
+class SeesContext(Actor):
+    async def on_start(self) -> None:
+        self.seen = request_id.get()
+
+    async def receive(self, message: Any) -> Any:
+        if message == "crash":
+            raise Boom("crash")
+        return self.seen
+
+
+async def test_children_inherit_the_supervisors_context_not_the_callers(autojump_clock: trio.testing.MockClock) -> None:
+    token = request_id.set("opener")
+    try:
+        async with open_supervisor() as sup:
+            request_id.set("caller")
+            ref = await sup.start_child(ChildSpec(id="a", factory=SeesContext))
+            assert await ref.ask("seen") == "opener"
+            with pytest.raises(ActorCrashed):
+                await ref.ask("crash")
+            assert await ref.ask("seen") == "opener"  # the restart too
+    finally:
+        request_id.reset(token)
+
+
+async def test_a_burst_of_exits_removes_every_child(autojump_clock: trio.testing.MockClock, journal: Journal) -> None:
+    # More exits at once than the control loop handles between two
+    # checkpoints (BATCH_LIMIT), all queued in the same scheduler batch.
+    async with open_supervisor(name="rooms") as sup:
+        refs = [await sup.start_child(worker(journal, f"t{i}", restart=Restart.TRANSIENT)) for i in range(300)]
+        for ref in refs:
+            ref.tell_nowait("stop")
+        await settle()
+        assert sup.count_children().specs == 0
+        assert not any(ref.alive for ref in refs)
+        assert len(journal.names("stopped")) == 300
+        assert isinstance(await sup.start_child(worker(journal, "t0")), ActorRef)
+
+
+async def test_a_removed_child_is_freed_without_the_garbage_collector(autojump_clock: trio.testing.MockClock, journal: Journal) -> None:
+    async with open_supervisor() as sup:
+        ref = await sup.start_child(worker(journal, "a", restart=Restart.TRANSIENT))
+        assert await ref.ask("stop") == "stopping"
+        await settle()
+        assert sup.child("a") is None
+        gone_ref, gone_cell = weakref.ref(ref), weakref.ref(ref._cell)
+        gc.disable()
+        try:
+            # No reference cycle: reference counting alone frees the stopped
+            # actor's ref, cell and mailbox (100,000 idle rooms need no full
+            # collection to be given back).
+            del ref
+            assert (gone_ref(), gone_cell()) == (None, None)
+        finally:
+            gc.enable()

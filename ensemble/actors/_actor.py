@@ -12,10 +12,11 @@ No task is spawned per timer.
 
 from __future__ import annotations
 
+import functools
 import heapq
-import itertools
 import logging
 import math
+import weakref
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
@@ -191,7 +192,7 @@ class ActorRef:
     (there is one per actor) and are hashable.
     """
 
-    __slots__ = ("_cell", "_mailbox")
+    __slots__ = ("__weakref__", "_cell", "_mailbox")
 
     def __init__(self, cell: _Cell) -> None:
         self._cell = cell
@@ -327,10 +328,15 @@ class _Cell:
         self.factory = factory
         # A spec's mailbox config wins; otherwise the actor class's, which is
         # known for sure only once the factory has made the first instance
-        # (the factory may be a lambda), so ``run`` settles it then.
+        # (the factory may be a lambda), so ``run`` settles it then. A class
+        # (or a partial of one) tells it now, which saves a second mailbox.
         self._mailbox_settled = mailbox is not None
-        self.mailbox = Mailbox(mailbox or MailboxConfig(), path)
-        self.ref = ActorRef(self)
+        if mailbox is None:
+            actor_class = _class_made_by(factory)
+            mailbox = actor_class.mailbox if actor_class is not None else _DEFAULT_MAILBOX
+        self.mailbox = Mailbox(mailbox, path)
+        self._ref: ActorRef | None = ActorRef(self)
+        self._stopped_ref: weakref.ref[ActorRef] | None = None  # see close()
         self.actor: Actor | None = None
         self.state = "starting"
         self.handled = 0
@@ -342,10 +348,22 @@ class _Cell:
         self._stop_requested = False
         self._timers: dict[Hashable, _Timer] = {}
         self._heap: list[tuple[float, int, _Timer]] = []
-        self._seq = itertools.count()
+        self._seq = 0  # orders timers with equal deadlines
         # Fault injection (ensemble.testing); None on the fast path.
         self.faults: list[_Fault] | None = None
         self.stalled: trio.Event | None = None
+
+    @property
+    def ref(self) -> ActorRef:
+        """The actor's one ref (the same object across restarts)."""
+        ref = self._ref
+        if ref is None:  # stopped for good (see close)
+            assert self._stopped_ref is not None
+            ref = self._stopped_ref()
+            if ref is None:  # nobody kept it: a new one cannot be told apart
+                ref = ActorRef(self)
+                self._stopped_ref = weakref.ref(ref)
+        return ref
 
     # -- control -------------------------------------------------------------
 
@@ -359,6 +377,15 @@ class _Cell:
         self.state = "stopped"
         self.mailbox.close()
         self._clear_timers()
+        ref = self._ref
+        if ref is not None:
+            # The ref points at this cell; from now on this cell points back
+            # only weakly. Otherwise the two would form a cycle that only the
+            # garbage collector frees, with the mailbox, the factory and all
+            # they hold: after 100,000 idle rooms stopped, their cells would
+            # wait for a full collection, and make it slower.
+            self._stopped_ref = weakref.ref(ref)
+            self._ref = None
 
     def statistics(self) -> ActorStatistics:
         mb = self.mailbox
@@ -395,7 +422,8 @@ class _Cell:
             old.active = False
         timer = _Timer(key, trio.current_time() + seconds, message, seconds if repeat else None)
         self._timers[key] = timer
-        heapq.heappush(self._heap, (timer.deadline, next(self._seq), timer))
+        self._seq += 1
+        heapq.heappush(self._heap, (timer.deadline, self._seq, timer))
         if len(self._heap) > 64 and len(self._heap) > 4 * len(self._timers):
             self._compact_heap()
         self.mailbox.wake()
@@ -430,7 +458,8 @@ class _Cell:
             del self._timers[timer.key]
         else:
             timer.deadline += timer.interval
-            heapq.heappush(self._heap, (timer.deadline, next(self._seq), timer))
+            self._seq += 1
+            heapq.heappush(self._heap, (timer.deadline, self._seq, timer))
         return timer
 
     # -- running -------------------------------------------------------------
@@ -482,7 +511,7 @@ class _Cell:
             return
         self._mailbox_settled = True
         config = actor_class.mailbox
-        if config != self.mailbox.config and not self.mailbox:
+        if config is not self.mailbox.config and config != self.mailbox.config and not self.mailbox:
             self.mailbox = Mailbox(config, self.path)
             self.ref._mailbox = self.mailbox
 
@@ -504,8 +533,6 @@ class _Cell:
     async def _loop(self, actor: Actor) -> None:
         mailbox = self.mailbox
         queue = mailbox._queue
-        popleft = queue.popleft
-        receive = actor.receive
         expected = type(actor).expected_exceptions
         path = self.path
         # Messages and timers handled since the loop last yielded. Kept across
@@ -526,17 +553,25 @@ class _Cell:
                 if timer is not None:
                     self.timers_fired += 1
                     budget -= 1
-                    await self._handle_timer(receive, expected, timer.message)
+                    await self._handle_timer(actor.receive, expected, timer.message)
                     continue
             if not queue:
+                # Mailbox.wait_nonempty inlined, with a bound method to abort:
+                # fewer objects held by every idle actor than its closure and
+                # coroutine (keep the two in step).
                 deadline = self._next_deadline()
+                mailbox._receiver = trio.lowlevel.current_task()
                 if deadline == math.inf:
-                    await mailbox.wait_nonempty()
+                    await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
                 else:
                     with trio.CancelScope(deadline=deadline):
-                        await mailbox.wait_nonempty()
+                        await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
                 budget = BATCH_LIMIT
                 continue
+            # Bound for one batch only: an idle actor waits without them (one
+            # object fewer each for the garbage collector to walk, per actor).
+            popleft = queue.popleft
+            receive = actor.receive
             while queue:
                 # Mailbox.pop inlined (the hot path); keep the two in step.
                 item = popleft()
@@ -578,6 +613,11 @@ class _Cell:
                     break
                 if self._heap and self._heap[0][0] <= trio.current_time():
                     break
+            del popleft, receive
+
+    def _abort_wait(self, _: Any) -> trio.lowlevel.Abort:
+        self.mailbox._receiver = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     async def _handle_timer(
         self,
@@ -598,6 +638,18 @@ class _Cell:
         for fault in list(self.faults or ()):
             if fault.matches(message):
                 await fault.apply(self, message)
+
+
+_DEFAULT_MAILBOX: Final = MailboxConfig()
+
+
+def _class_made_by(factory: Callable[[], Actor]) -> type[Actor] | None:
+    """The actor class that ``factory`` instantiates, when it is plain to see:
+    ``factory`` is the class, or a ``functools.partial`` of it."""
+    func: object = factory
+    while isinstance(func, functools.partial):
+        func = func.func
+    return func if isinstance(func, type) and issubclass(func, Actor) else None
 
 
 def _crashed(path: str, exc: Exception) -> ActorError:

@@ -4,11 +4,24 @@ A supervisor is itself actor-shaped: one *control loop* task owns all of its
 state and handles commands one at a time from an inbox (a child exited,
 start a child, terminate a child, a delayed restart is due, stop). Callers of
 :meth:`Supervisor.start_child` and :meth:`Supervisor.terminate_child` send a
-command and wait for the reply, so nothing needs a lock.
+command and wait for the reply, so nothing needs a lock. Each time it wakes
+up, the control loop handles every command queued by then, without a
+scheduler round trip per command.
 
-Every child runs in a task of the supervisor's nursery, inside a cancel scope
-of its own (the "kill" after the grace period). A child task never lets an
-``Exception`` escape: it reports the exit to the control loop instead.
+Starting a child is the one exception, and only when the supervisor is idle
+(no command queued or being handled, no other start in progress): then
+``start_child`` registers the child and spawns its task itself, which is
+exactly what the control loop would do next, and waits for its ``on_start``,
+without a round trip through the control loop. It counts as busy meanwhile,
+so the control loop waits for such a start to end before handling its next
+command, and other callers queue their commands as usual: commands and
+starts still happen one at a time, in order.
+
+Every child runs in a task of the supervisor's nursery, inside a shielded
+cancel scope of its own (the "kill" after the grace period): only the
+supervisor stops it, even when an outer scope is cancelled. Its task reports
+how ``on_start`` went to whoever started it (a :class:`_Starting`), and never
+lets an ``Exception`` escape: it reports the exit to the control loop instead.
 ``BaseException`` (``Cancelled``, ``KeyboardInterrupt``, ``SystemExit``)
 always propagates.
 
@@ -27,6 +40,7 @@ The rules are Erlang/OTP's:
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import logging
 import math
@@ -39,7 +53,7 @@ from typing import Any, Final, overload
 import attrs
 import trio
 
-from ._actor import Actor, ActorRef, ActorStatistics, TaskStarted, _Cell
+from ._actor import BATCH_LIMIT, Actor, ActorRef, ActorStatistics, TaskStarted, _Cell
 from ._errors import ActorStartFailed, ActorStopped, SupervisorGaveUp
 from ._mailbox import MailboxConfig, _Reply
 
@@ -298,6 +312,8 @@ class _StopAll:
 
 @attrs.define(eq=False)
 class _Child:
+    # Kept lean: an on-demand supervisor holds one per room, so every object
+    # made per child is one more for the garbage collector to walk.
     spec: AnySpec
     cell: _Cell | None
     sup: Supervisor | None
@@ -305,9 +321,9 @@ class _Child:
     running: bool = False
     terminating: bool = False
     scope: trio.CancelScope | None = None
-    done: trio.Event = attrs.field(factory=trio.Event)
+    done: trio.Event | None = None  # made by _terminate when it waits; set when the incarnation's task ends
     pending_restart: int = 0  # token of a scheduled restart, 0 if none
-    restart_times: deque[float] = attrs.field(factory=deque)  # for a ChildSpec.max_restarts
+    restart_times: deque[float] | None = None  # for a ChildSpec.max_restarts, made at the first restart
 
     @property
     def id(self) -> str:
@@ -374,7 +390,12 @@ class Supervisor:
         self._body_running = False
         self._started_once = False
         self._tokens = 0
-        self._starting_task: trio.lowlevel.Task | None = None
+        # Commands sent to the control loop and not yet handled (plus one
+        # while it starts the initial children): start_child takes the fast
+        # path only at zero, with no start in progress.
+        self._pending = 0
+        self._starting: _Starting | None = None  # the start in progress (at most one)
+        self._context = contextvars.copy_context()  # what child tasks inherit (see _spawn)
         self._control_scope = trio.CancelScope(shield=True)
 
     def __repr__(self) -> str:
@@ -391,6 +412,12 @@ class Supervisor:
     async def start_child(self, spec: AnySpec) -> ActorRef | Supervisor:
         """Start a child and return its handle once ``on_start`` has run.
 
+        Starts happen one at a time, in order with the supervisor's other
+        work: while one child's ``on_start`` runs, other calls wait. If the
+        caller is cancelled while it waits, the child still starts (and is
+        then a child like any other). The child's task inherits the context
+        variables of the task that opened the supervisor, not the caller's.
+
         Args:
             spec: A :class:`ChildSpec` (returns an :class:`ActorRef`) or a
                 :class:`SupervisorSpec` (returns the nested supervisor).
@@ -400,7 +427,18 @@ class Supervisor:
             ActorStartFailed: The child's ``on_start`` raised; it was not
                 added.
             ActorStopped: This supervisor is not running.
+            RuntimeError: Called from the ``on_start`` of a child of this
+                supervisor (that would deadlock).
         """
+        self._check_caller()
+        if self._pending == 0 and self._starting is None:
+            # The fast path: the control loop is idle, and starting the child
+            # is what it would do next; do it here, without a round trip.
+            try:
+                return await self._add(spec)
+            except ValueError:
+                await trio.lowlevel.checkpoint()
+                raise
         result: ActorRef | Supervisor = await self._command(_Start(spec, _Reply()))
         return result
 
@@ -472,16 +510,29 @@ class Supervisor:
 
     # -- running ------------------------------------------------------------------
 
-    async def _command(self, command: _Start | _Terminate | _StopAll) -> Any:
-        if self._starting_task is not None and trio.lowlevel.current_task() is self._starting_task:
+    def _check_caller(self) -> None:
+        starting = self._starting
+        if starting is not None and starting.task is trio.lowlevel.current_task():
             raise RuntimeError(
                 f"a child of {self.path} called start_child or terminate_child on {self.path} from its on_start; "
                 "the supervisor waits for on_start to finish, so this would deadlock (do it after on_start, e.g. in receive)"
             )
         if self._state != "running" or self._inbox_send is None:
             raise ActorStopped(self.path, f"supervisor {self.path} is not running")
-        self._inbox_send.send_nowait(command)
+
+    async def _command(self, command: _Start | _Terminate | _StopAll) -> Any:
+        self._check_caller()
+        self._send(command)
         return await command.reply.wait()
+
+    def _send(self, command: Any) -> bool:
+        """Queue a command for the control loop, if it runs."""
+        send = self._inbox_send
+        if send is None:
+            return False
+        self._pending += 1
+        send.send_nowait(command)
+        return True
 
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[None]:
@@ -497,6 +548,9 @@ class Supervisor:
         self._body_running = False
         self._restart_times.clear()
         self._control_scope = trio.CancelScope(shield=True)
+        self._pending = 1  # the initial children: commands wait for them
+        self._starting = None
+        self._context = contextvars.copy_context()
         body_error: BaseException | None = None
         inbox_send, inbox_receive = trio.open_memory_channel[Any](math.inf)
         ready = _Reply()
@@ -532,11 +586,9 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         """Have the control loop stop every child, and wait for it."""
-        send = self._inbox_send
-        if send is None:
-            return  # the control loop has ended (gave up or stopped)
         command = _StopAll(_Reply())
-        send.send_nowait(command)
+        if not self._send(command):
+            return  # the control loop has ended (gave up or stopped)
         # The control loop may end first, having stopped the children itself
         # (it gave up, or an initial child failed to start); it then refuses
         # this command, which is no error here.
@@ -564,8 +616,7 @@ class Supervisor:
             await trio.sleep_forever()
 
     def _request_stop(self) -> None:
-        if self._inbox_send is not None:
-            self._inbox_send.send_nowait(_StopAll(_Reply()))
+        self._send(_StopAll(_Reply()))
 
     def _close_all(self) -> None:
         for child in list(self._children.values()):
@@ -590,14 +641,36 @@ class Supervisor:
                 self._inbox_send = None
                 return
             ready.set(None)
-            async for command in inbox:
-                current = command
-                if await self._dispatch(command):
+            self._pending -= 1
+            while True:
+                try:
+                    command = await inbox.receive()
+                except trio.EndOfChannel:
                     return
-                # Hold no command while waiting for the next one: an exit
-                # record would keep the stopped child's actor (and all of
-                # its state) alive until then.
-                current = command = None
+                # Handle every command queued by now without going back to
+                # the scheduler for each (a burst of idle stops queues one
+                # exit per child), yielding only every BATCH_LIMIT commands.
+                budget = BATCH_LIMIT
+                while True:
+                    current = command
+                    starting = self._starting
+                    if starting is not None:
+                        await starting.wait()  # a start_child on the fast path
+                    if await self._dispatch(command):
+                        return
+                    self._pending -= 1
+                    # Hold no command while waiting for the next one: an exit
+                    # record would keep the stopped child's actor (and all of
+                    # its state) alive until then.
+                    current = command = None
+                    budget -= 1
+                    if budget <= 0:
+                        await trio.lowlevel.checkpoint()
+                        budget = BATCH_LIMIT
+                    try:
+                        command = inbox.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
         finally:
             self._inbox_send = None
             self._fail_pending(current, inbox)
@@ -652,6 +725,8 @@ class Supervisor:
             command.reply.set(handle)
 
     async def _add(self, spec: AnySpec) -> ActorRef | Supervisor:
+        """Register a child and start it (in the control loop, or in the
+        caller's task on the fast path of ``start_child``)."""
         if spec.id in self._children:
             raise ValueError(f"{self.path} already has a child {spec.id!r}")
         path = _join(self.path, spec.id)
@@ -669,85 +744,89 @@ class Supervisor:
             )
             child = _Child(spec, None, nested)
         self._children[spec.id] = child
-        try:
-            await self._start(child, first=True)
-        except Exception as exc:
-            self._remove(child)
-            error = ActorStartFailed(path, f"{path} failed to start: {exc!r}")
-            raise error from exc
-        return child.handle
+        handle = child.handle  # held here: the child may be gone by the time its start is reported
+        await self._start(child, first=True)
+        return handle
 
     async def _start(self, child: _Child, *, first: bool) -> None:
-        """Start one incarnation of ``child``.
+        """Start one incarnation of ``child`` and wait for its ``on_start``.
 
-        On the first start an ``on_start`` failure is raised; on a restart it
-        is reported to the control loop as a crash (it counts toward the
-        restart intensity).
+        On the first start an ``on_start`` failure removes the child and
+        raises :class:`ActorStartFailed`; on a restart it is reported to the
+        control loop as a crash (it counts toward the restart intensity).
+        Either is done by the child's task, so a starter that is cancelled
+        while it waits leaves nothing half done.
         """
+        starting = self._spawn(child, first=first)
+        await starting.wait()
+        if starting.error is not None:
+            raise starting.error
+
+    def _spawn(self, child: _Child, *, first: bool) -> _Starting:
         assert self._nursery is not None
         child.generation += 1
-        child.done = trio.Event()
+        child.done = None
         child.pending_restart = 0
+        # Only the supervisor stops a child (gracefully, then by cancelling
+        # this scope), even when an outer scope is cancelled. That holds
+        # during on_start too, as it did when the control loop started
+        # children in a nursery of its own, under its shielded scope.
+        child.scope = trio.CancelScope(shield=True)
         if not first:
             self._restarts += 1
             if child.cell is not None:
                 child.cell.restarts += 1
-        try:
-            await self._nursery.start(self._child_task, child, child.generation)
-        except Exception as exc:
-            if first:
-                raise
-            self._post(_Exited(child, child.generation, exc))
+        starting = _Starting(self, child, first=first)
+        # Children inherit the supervisor's context (contextvars), not that
+        # of whichever task called start_child.
+        self._context.run(self._nursery.start_soon, self._child_task, child, child.generation, starting)
+        self._starting = starting
+        return starting
 
-    async def _child_task(self, child: _Child, generation: int, task_status: trio.TaskStatus[None]) -> None:
-        started = False
-
-        def mark_started(value: None = None) -> None:
-            nonlocal started
-            started = True
-            self._starting_task = None
-            child.running = True
-            # From now on only the supervisor stops the child (gracefully,
-            # then by cancelling ``scope``), even when an outer scope is
-            # cancelled; ``on_start`` stays cancellable from outside.
-            scope.shield = True
-            task_status.started()
-
-        status = _Status(mark_started)
+    async def _child_task(self, child: _Child, generation: int, starting: _Starting) -> None:
+        # The starter waits for this child's on_start; a command sent to this
+        # supervisor from that on_start could never be handled.
+        starting.task = trio.lowlevel.current_task()
+        scope = child.scope
+        assert scope is not None
+        started = True
         error: Exception | None = None
-        scope = trio.CancelScope()
-        child.scope = scope
-        # The control loop waits for this child's on_start; a command sent to
-        # this supervisor from that on_start could never be handled.
-        self._starting_task = trio.lowlevel.current_task()
         try:
             with scope:
                 if child.cell is not None:
-                    await child.cell.run(status)
+                    await child.cell.run(starting)
                 else:
                     assert child.sup is not None
-                    await child.sup._run_nested(status)
+                    await child.sup._run_nested(starting)
         except Exception as exc:
-            if not started:
-                child.done.set()
-                raise
             error = exc
         finally:
-            if not started:
-                self._starting_task = None
             child.running = False
-            child.done.set()
-        if not started:
-            if error is None and not scope.cancelled_caught:
-                raise RuntimeError(f"{_join(self.path, child.id)} exited before it started")
-            return
-        if scope.cancelled_caught or child.terminating:
+            if child.done is not None:
+                child.done.set()
+            if not starting.over:
+                # on_start did not finish (even on a BaseException, which
+                # propagates): the starter must not wait forever.
+                started = False
+                self._start_failed(child, generation, starting, error)
+        if not started or scope.cancelled_caught or child.terminating:
             return
         self._post(_Exited(child, generation, error))
 
+    def _start_failed(self, child: _Child, generation: int, starting: _Starting, error: Exception | None) -> None:
+        path = _join(self.path, child.id)
+        cause = error if error is not None else RuntimeError(f"{path} exited before it started")
+        if starting.first:
+            self._remove(child)
+            failure = ActorStartFailed(path, f"{path} failed to start: {cause!r}")
+            failure.__cause__ = cause
+            starting.error = failure
+        else:
+            self._post(_Exited(child, generation, cause))
+        starting.finish()
+
     def _post(self, command: Any) -> None:
-        if self._inbox_send is not None:
-            self._inbox_send.send_nowait(command)
+        self._send(command)
 
     async def _on_exit(self, event: _Exited) -> None:
         child = event.child
@@ -763,6 +842,8 @@ class Supervisor:
         own_limit = child.spec.max_restarts if isinstance(child.spec, ChildSpec) else None
         if own_limit is not None:
             window = child.restart_times
+            if window is None:
+                window = child.restart_times = deque()
             window.append(now)
             while window and window[0] < now - child.spec.max_seconds:
                 window.popleft()
@@ -865,14 +946,19 @@ class Supervisor:
             return
         child.terminating = True
         try:
+            # The incarnation's task sets this event when it ends (and clears
+            # ``running``); made only now, as most children never need it.
+            done = child.done
+            if done is None:
+                done = child.done = trio.Event()
             child.request_stop()
             with trio.move_on_after(child.spec.shutdown):
-                await child.done.wait()
-            if not child.done.is_set():
+                await done.wait()
+            if not done.is_set():
                 logger.warning("%s did not stop within %s s; cancelling it", _join(self.path, child.id), child.spec.shutdown)
                 assert child.scope is not None
                 child.scope.cancel()
-                await child.done.wait()
+                await done.wait()
         finally:
             child.terminating = False
 
@@ -883,14 +969,53 @@ class Supervisor:
         child.close()
 
 
-class _Status:
-    """A ``task_status`` that runs a callback when ``started`` is called."""
+class _Starting:
+    """One incarnation's start, from spawning its task to the end of its
+    ``on_start``.
 
-    def __init__(self, callback: Callable[[None], None]) -> None:
-        self._callback = callback
+    It is the ``task_status`` of the child's run function: ``started()``
+    means ``on_start`` returned. The starter waits with :meth:`wait`. Once
+    the start is over it lets go of everything, since the child's frames
+    keep it for the incarnation's whole life.
+    """
+
+    __slots__ = ("_event", "child", "error", "first", "over", "supervisor", "task")
+
+    def __init__(self, supervisor: Supervisor, child: _Child, *, first: bool) -> None:
+        self.supervisor: Supervisor | None = supervisor
+        self.child: _Child | None = child
+        self.first = first
+        self.task: trio.lowlevel.Task | None = None  # the child's task, once it runs
+        self.over = False
+        self.error: ActorStartFailed | None = None  # a first start failed
+        self._event: trio.Event | None = None
 
     def started(self, value: None = None) -> None:
-        self._callback(value)
+        """``on_start`` returned: the child runs."""
+        assert self.child is not None, "started() after the start was over"
+        self.child.running = True
+        self.finish()
+
+    def finish(self) -> None:
+        supervisor = self.supervisor
+        if supervisor is not None and supervisor._starting is self:
+            supervisor._starting = None
+        self.over = True
+        self.supervisor = self.child = self.task = None
+        event = self._event
+        if event is not None:
+            self._event = None
+            event.set()
+
+    async def wait(self) -> None:
+        """Wait until the start is over (see :attr:`error`)."""
+        if self.over:
+            await trio.lowlevel.checkpoint()
+            return
+        event = self._event
+        if event is None:
+            event = self._event = trio.Event()
+        await event.wait()
 
 
 @asynccontextmanager
