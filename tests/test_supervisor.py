@@ -1197,3 +1197,33 @@ async def test_a_removed_child_is_freed_without_the_garbage_collector(autojump_c
             assert (gone_ref(), gone_cell()) == (None, None)
         finally:
             gc.enable()
+
+
+async def test_on_given_up_is_called_once_after_removal(autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture) -> None:
+    from contextlib import suppress
+
+    from ensemble.actors import ActorCrashed
+
+    class Flaky(Actor):
+        async def receive(self, message: object) -> object:
+            raise RuntimeError("always")
+
+    seen: list[tuple[str, bool]] = []
+    async with open_supervisor(name="s") as supervisor:
+
+        def on_given_up(child_id: str) -> None:
+            seen.append((child_id, supervisor.child(child_id) is None))
+            raise ValueError("a buggy hook")  # logged, not fatal
+
+        ref = await supervisor.start_child(ChildSpec(id="f", factory=Flaky, max_restarts=2, max_seconds=10.0, on_given_up=on_given_up))
+        for _ in range(3):
+            with suppress(ActorCrashed):
+                await ref.ask("x")
+            await trio.sleep(0.1)
+            assert seen == [] or seen == [("f", True)]
+        assert seen == [("f", True)]  # called once, after the child was removed
+        assert "on_given_up hook of f raised" in caplog.text
+        assert supervisor.statistics().children_given_up == 1
+        # The supervisor carries on.
+        other = await supervisor.start_child(ChildSpec(id="g", factory=Flaky))
+        assert other.alive

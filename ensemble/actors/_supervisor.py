@@ -145,6 +145,10 @@ class ChildSpec:
             supervisor's intensity applies, as in OTP. Meant for many
             independent children, such as one actor per chat room.
         max_seconds: The window of ``max_restarts``.
+        on_given_up: Called with the child's id (in the supervisor's control
+            loop, so it must not block or await) right after the child was
+            removed for exceeding ``max_restarts``: the owner's chance to
+            tell the child's clients. An exception from it is logged.
     """
 
     id: str = attrs.field(validator=_valid_id)
@@ -154,6 +158,7 @@ class ChildSpec:
     shutdown: float = attrs.field(default=DEFAULT_SHUTDOWN, validator=_non_negative)
     max_restarts: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
     max_seconds: float = attrs.field(default=5.0, validator=_non_negative)
+    on_given_up: Callable[[str], None] | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen(kw_only=True)
@@ -858,6 +863,12 @@ class Supervisor:
                 )
                 self._children_given_up += 1
                 self._remove(child)
+                hook = child.spec.on_given_up if isinstance(child.spec, ChildSpec) else None
+                if hook is not None:
+                    try:
+                        hook(child.id)
+                    except Exception:
+                        logger.exception("%s: the on_given_up hook of %s raised", self.path, child.id)
                 return
         else:
             window = self._restart_times

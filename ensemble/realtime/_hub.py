@@ -17,11 +17,9 @@ Room subscribers: the hub keeps each room's :class:`SubscriberRegistry` (the
 connections subscribed to it) by room id, and hands it to the room's actor
 and to each restart of it, so a restart after a crash keeps them (they get a
 ``room_reset``); a start from scratch (first use, after an idle stop or a
-give-up) gets a new, empty one. When a room crashes, the hub waits until the rooms
-supervisor has dealt with the crash (see :meth:`Hub._after_room_crash`) and
-looks at the room's ref: alive, it was restarted; stopped, the supervisor
-gave up on it (more than ``room_max_restarts`` crashes within
-``room_max_seconds``). Then every subscriber gets a ``room_closed`` event
+give-up) gets a new, empty one. When the rooms supervisor gives up on a room
+(more than ``room_max_restarts`` crashes within ``room_max_seconds``), it
+calls the room spec's ``on_given_up`` hook: every subscriber gets a ``room_closed`` event
 (``data``: ``room_id``, ``reason="failed"``) and is unsubscribed (also in the
 connection manager's room index); the next use of the room starts a fresh
 incarnation from the store, with no subscribers.
@@ -58,9 +56,6 @@ from ._room_store import InMemoryRoomStore, RoomStore
 logger = logging.getLogger("ensemble.hub")
 
 _NESTED = {"room": RoomConfig, "rate_limit": WSRateLimitConfig, "live": LiveConfig}
-
-_BARRIER_ID = "~" * 201
-"""A child id no room has (room ids have at most 200 characters)."""
 
 ROOM_FAILED = "failed"
 """The ``reason`` of a ``room_closed`` event: the room crashed more than
@@ -244,7 +239,6 @@ class Hub:
         self._room_configs: dict[str, RoomConfig] = {}
         self._room_subscribers: dict[str, SubscriberRegistry] = {}
         self._rooms = OnDemand(rooms_supervisor, self._room_spec)
-        self._nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
         return f"<Hub {self.supervisor.path}: {self.connections.connection_count} connections, {len(self._rooms.running())} rooms running>"
@@ -305,40 +299,18 @@ class Hub:
             default_config=self.config.room,
             on_exit=self._room_exited,
         )
-        return attrs.evolve(spec, max_restarts=self.config.room_max_restarts, max_seconds=self.config.room_max_seconds)
+        return attrs.evolve(
+            spec,
+            max_restarts=self.config.room_max_restarts,
+            max_seconds=self.config.room_max_seconds,
+            on_given_up=lambda _: self._room_given_up(room_id, registry),
+        )
 
     def _room_exited(self, room_id: str, ref: ActorRef, subscribers: SubscriberRegistry, crashed: bool) -> None:
         """An incarnation of a room ended (the rooms' ``on_exit`` hook)."""
-        if not crashed:
+        if not crashed and self._room_subscribers.get(room_id) is subscribers:
             # Stopped for good (idle, or shutdown): nobody uses the registry any more.
-            if self._room_subscribers.get(room_id) is subscribers:
-                del self._room_subscribers[room_id]
-            return
-        if self._nursery is not None:
-            self._nursery.start_soon(self._after_room_crash, room_id, ref, subscribers)
-
-    async def _after_room_crash(self, room_id: str, ref: ActorRef, subscribers: SubscriberRegistry) -> None:
-        """Tell a crashed room's subscribers if the supervisor gave up on it.
-
-        The crashed incarnation called ``on_exit`` (which started this task)
-        and then, without a checkpoint in between, reported its exit to the
-        rooms supervisor, whose control loop handles commands in order. So a
-        command sent from here is answered after the supervisor has either
-        restarted the room (its ref, which belongs to the cell, stays alive)
-        or removed it (its ref is closed). The command is a ``terminate`` of
-        a child that cannot exist: a round trip with no effect, and nothing
-        in the room's mailbox (a message there would be seen by fault
-        injection and statistics). A restart that fails again is a crash of
-        its own, watched the same way.
-        """
-        try:
-            await self._rooms_supervisor.terminate_child(_BARRIER_ID)
-        except KeyError:
-            pass  # as expected: the round trip is done
-        except ActorStopped:
-            return  # the hub is shutting down
-        if not ref.alive:
-            self._room_given_up(room_id, subscribers)
+            del self._room_subscribers[room_id]
 
     def _room_given_up(self, room_id: str, subscribers: SubscriberRegistry) -> None:
         current = self._room_subscribers.get(room_id)
@@ -606,19 +578,8 @@ async def open_hub(
             notifications=notifications,
             live=live,
         )
-        # The hub's own tasks (watching crashed rooms). The body's exception
-        # is re-raised after the nursery, as itself (not in a group).
-        body_error: BaseException | None = None
-        async with trio.open_nursery() as nursery:
-            hub._nursery = nursery
-            try:
-                yield hub
-            except BaseException as exc:
-                body_error = exc
-            finally:
-                hub._nursery = None
-                with trio.CancelScope(shield=True):
-                    await connections.disconnect_all()
-                nursery.cancel_scope.cancel()
-        if body_error is not None:
-            raise body_error
+        try:
+            yield hub
+        finally:
+            with trio.CancelScope(shield=True):
+                await connections.disconnect_all()

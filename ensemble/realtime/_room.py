@@ -52,11 +52,9 @@ Crash and restart:
     sends them a ``room_reset`` event (``data``: ``epoch`` and ``last_seq``):
     clients re-sync with ``get_events(since=...)``. Every incarnation that
     ends calls the spec's ``on_exit`` hook (if any) with the registry and
-    whether it crashed: the hub uses it to find out whether the supervisor
-    gave up on the room, and then tells its subscribers (``room_closed``).
-    ``on_exit`` is called last thing before the incarnation ends (in
-    ``on_stop``, or when ``on_start`` of a restart fails), with no checkpoint
-    between it and the supervisor learning of the exit.
+    whether it crashed (the hub forgets the registry of a room that stopped
+    for good). A room the supervisor gives up on is reported by the child
+    spec's ``on_given_up`` hook (see :class:`ensemble.actors.ChildSpec`).
 
 Idle stop:
     One timer checks, every ``idle_timeout`` at most, whether the room had no
