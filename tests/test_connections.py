@@ -777,3 +777,16 @@ async def test_inbound_backpressure(supervisor: Supervisor, autojump_clock: trio
         assert (stats.mailbox_depth, stats.blocked_senders, stats.refused) == (16, 23, 0)
         gate.set()
     assert done == 40
+
+
+async def test_send_frame_nowait_writes_the_bytes_in_order(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    transport = MemoryTransport()
+    info = await manager.connect(transport)
+    await manager.send_to_connection(info.connection_id, {"n": 1})
+    assert manager.send_frame_nowait(info.connection_id, b'{"type":"reply","ref":7}')
+    await manager.send_to_connection(info.connection_id, {"n": 2})
+    await settle()
+    assert transport.sent[1] == b'{"type":"reply","ref":7}'
+    assert [frame.get("type") for frame in transport.frames] == ["data", "reply", "data"]
+    assert not manager.send_frame_nowait("nope", b"{}")

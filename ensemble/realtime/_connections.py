@@ -57,7 +57,7 @@ import trio
 
 from ..actors import Actor, ActorError, ActorRef, ActorStopped, ChildSpec, MailboxConfig, Supervisor
 from ._errors import NotAllowed, NotFound, RateLimited, TooManyConnections
-from ._events import Event, Subscriber
+from ._events import Event, Subscriber, raw_event
 from ._models import ConnectionInfo
 from ._outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_EVENTS, Outbox, OutboxStatistics, Positions
 from ._ratelimit import WebSocketRateLimiter
@@ -984,6 +984,20 @@ class ConnectionManager:
         if conn is None:
             return False
         return conn.outbox.deliver_nowait(_data_event(f"connection:{connection_id}", data))
+
+    def send_frame_nowait(self, connection_id: str, frame: bytes) -> bool:
+        """Queue one pre-encoded frame (a protocol reply) for a connection.
+
+        It goes through the connection's outbox like every event (so it is
+        written in order with them, and counts toward the outbox's bounds).
+
+        Returns:
+            Whether the connection is open and accepted it.
+        """
+        conn = self._connections.get(connection_id)
+        if conn is None:
+            return False
+        return conn.outbox.deliver_nowait(raw_event(f"connection:{connection_id}", frame))
 
     async def send_to_user(self, user_id: str, data: Mapping[str, Any]) -> int:
         """Queue ``data`` for every connection of the user (one encoding).

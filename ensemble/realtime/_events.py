@@ -91,6 +91,18 @@ class Event:
         return json.dumps(self.to_wire(), separators=(",", ":"), ensure_ascii=False, default=_default).encode()
 
 
+def raw_event(topic: str, frame: bytes) -> Event:
+    """An event whose wire bytes are ``frame`` as given (a protocol reply).
+
+    Not sequenced, never coalesced: it takes its place in a connection's
+    outbox like any event, so replies and events reach the client in the
+    order they were queued.
+    """
+    event = Event(type="raw", topic=topic)
+    event.__dict__["encoded"] = bytes(frame)  # the cached_property's slot
+    return event
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)

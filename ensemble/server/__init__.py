@@ -1,0 +1,7 @@
+"""The server: protocol handling, authentication, configuration, HTTP API.
+
+Transport-independent: ``ensemble.transport`` adapters (hypercorn's ASGI,
+and later a native one) call into it; it never imports them.
+"""
+
+from ._identity import Identity as Identity
