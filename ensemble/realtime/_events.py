@@ -8,12 +8,13 @@ without blocking (a connection's outbox, or a test recorder).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Hashable, Mapping
 from functools import cached_property
 from typing import Any, Protocol
 
 import attrs
+
+from .._json import dumps
 
 # Event types (the ``type`` field on the wire).
 MESSAGE = "message"
@@ -88,7 +89,7 @@ class Event:
     @cached_property
     def encoded(self) -> bytes:
         """The event as compact JSON, computed once and shared."""
-        return json.dumps(self.to_wire(), separators=(",", ":"), ensure_ascii=False, default=_default).encode()
+        return dumps(self.to_wire(), default=_default)
 
 
 def raw_event(topic: str, frame: bytes) -> Event:
