@@ -154,6 +154,15 @@ EXPECTED: dict[str, set[str]] = {
         "InjectedFault",
         "Stall",
     },
+    "ensemble.client": {
+        "Backoff",
+        "Client",
+        "ClientError",
+        "Closed",
+        "Disconnected",
+        "ServerError",
+        "open_client",
+    },
 }
 
 
