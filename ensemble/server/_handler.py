@@ -1,0 +1,748 @@
+"""The protocol handler: client frames in, hub calls and reply frames out.
+
+A transport (hypercorn's WebSocket adapter, a native one, a test) does three
+things and nothing else: :meth:`ProtocolHandler.open` when a client is
+accepted, :meth:`ProtocolHandler.frame` for every frame the client sends, in
+order, and closing its socket when the hub closes the connection's
+transport. Everything else happens here and in the hub:
+
+* ``open`` connects the client to the hub (its identity's user, or
+  anonymously until an ``auth`` command) and makes the ``welcome`` frame the
+  connection's first.
+* ``frame`` hands the frame to the connection's actor
+  (``hub.connections.receive``), which checks the inbound rate limit and
+  runs :meth:`ProtocolHandler.on_message` there, one frame at a time per
+  connection. Over the rate limit the client gets a ``rate_limited`` error;
+  the connection manager closes it with 4029 after repeated violations.
+* ``on_message`` decodes the frame (sans-IO, :mod:`ensemble.protocol`),
+  checks what this connection may do, calls the hub, and queues the reply or
+  error frame in the connection's outbox (``send_frame_nowait``), so replies
+  and events reach the client in the order they were queued.
+
+Per-connection protocol state (identity, token expiry, batching, the count
+of undecodable frames in a row, live watches) lives in a session object kept
+by connection id. The handler wraps every transport it is given: the wrapper
+writes the ``welcome`` first, joins batched frames, and forgets the session
+when the hub closes the transport (whatever the cause), so no hook of the
+connection manager is taken.
+
+In-band authentication: a hub connection's user is fixed when it opens, so a
+connection opened without an identity is anonymous; when its ``auth``
+succeeds the handler closes the anonymous hub connection (without closing
+the socket: its queued frames are written first) and opens one for the user
+on the same socket, with the same session. The transport keeps using the
+connection id ``open`` returned; :meth:`frame` resolves it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, Protocol
+
+import attrs
+import trio
+
+from ..protocol import CloseCode, ProtocolError, _commands as cmd, decode, dumps, encode_error, encode_pong, encode_reply
+from ..realtime import (
+    ApprovalRequired,
+    Banned,
+    ConnectionInfo,
+    HistoryUnavailable,
+    Hub,
+    InvalidMessage,
+    NotAllowed,
+    NotAMember,
+    NotFound,
+    RateLimited,
+    Room,
+    RoomFull,
+    TooManyConnections,
+    Transport,
+)
+from ._identity import Identity
+
+logger = logging.getLogger("ensemble.server")
+
+PROTOCOL_VERSION: Final = 1
+"""The ``protocol`` field of the ``welcome`` frame."""
+
+# Error codes the handler sends (besides the decoder's, see ensemble.protocol).
+NOT_AUTHENTICATED: Final = "not_authenticated"
+UNAUTHENTICATED: Final = "unauthenticated"
+NOT_JOINED: Final = "not_joined"
+TOO_MANY_ROOMS: Final = "too_many_rooms"
+TOO_MANY_WATCHES: Final = "too_many_watches"
+INTERNAL: Final = "internal"
+
+WatchPolicy = Callable[[str | None, str, Mapping[str, cmd.Scalar]], bool]
+"""``(user_id, model, filters) -> bool``: whether a connection may watch."""
+
+
+class Authenticator(Protocol):
+    """Turns a token presented in a message into an identity."""
+
+    async def authenticate(self, token: str) -> Identity | None:
+        """The token's identity, or ``None`` when it is not valid."""
+        ...
+
+
+class _Refusal(Exception):
+    """The handler refuses a command: becomes an ``error`` frame."""
+
+    def __init__(self, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.extra = extra
+
+
+_NO_REPLY: Final = object()
+
+
+@attrs.define(eq=False)
+class _Session:
+    """The protocol state of one client (one socket), across hand-offs."""
+
+    public_id: str = ""
+    connection_id: str = ""
+    identity: Identity | None = None
+    metadata: Mapping[str, object] | None = None
+    resume: tuple[str, int] | None = None
+    opened_at: float = 0.0
+    batch: bool = False
+    errors: int = 0
+    watches: set[str] = attrs.field(factory=set)
+    transport: _SessionTransport | None = None
+
+    @property
+    def expires_at(self) -> float | None:
+        return None if self.identity is None else self.identity.expires_at
+
+
+class _SessionTransport:
+    """What the hub writes to for one connection: the client's transport, plus
+
+    the first frame (``welcome``) written before anything else, batching
+    (several frames joined with ``\\n``) when the client asked for it, and the
+    session's end when the hub closes it.
+    """
+
+    def __init__(self, handler: ProtocolHandler, inner: Transport, session: _Session) -> None:
+        self._handler = handler
+        self.inner = inner
+        self._session = session
+        self._ready = trio.Event()
+        self._first: bytes | None = None
+        self._first_written = True
+        self.handed_off = False
+        self.closed = False
+
+    def release(self, first: bytes | None) -> None:
+        """Let writes through, ``first`` ahead of everything else.
+
+        ``first`` is also queued in the connection's outbox (so that it is
+        written even when nothing else is); it is written once, first.
+        """
+        self._first = first
+        self._first_written = first is None
+        self._ready.set()
+
+    async def send(self, data: bytes) -> None:
+        await self.send_many([data])
+
+    async def send_many(self, frames: list[bytes]) -> None:
+        await self._ready.wait()
+        first = self._first
+        if first is not None:
+            kept = [frame for frame in frames if not (frame is first or frame == first)]
+            if len(kept) != len(frames):
+                self._first = None  # its queued copy came through: done
+            if not self._first_written:
+                kept.insert(0, first)
+                self._first_written = True
+            frames = kept
+        if not frames:
+            return
+        if self._session.batch and len(frames) > 1:
+            frames = _join(frames, self._handler.max_message_size)
+        send_many = getattr(self.inner, "send_many", None)
+        if send_many is not None:
+            await send_many(frames)
+        else:
+            for frame in frames:
+                await self.inner.send(frame)
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = True
+        self._ready.set()  # a close never waits for the welcome
+        if self.handed_off:
+            await trio.lowlevel.checkpoint()
+            return  # the socket lives on, under the user's connection
+        self._handler._forget(self._session)
+        await self.inner.close(code, reason)
+
+
+def _join(frames: list[bytes], limit: int) -> list[bytes]:
+    """Join frames with ``\\n`` into as few frames of at most ``limit`` bytes as fit."""
+    joined: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 0
+    for frame in frames:
+        if chunk and size + 1 + len(frame) > limit:
+            joined.append(b"\n".join(chunk))
+            chunk, size = [], 0
+        chunk.append(frame)
+        size += len(frame) + (1 if size else 0)
+    if chunk:
+        joined.append(b"\n".join(chunk))
+    return joined
+
+
+def _valid_user_id(user_id: str) -> bool:
+    return bool(user_id) and "/" not in user_id and len(user_id) <= 200
+
+
+class ProtocolHandler:
+    """Speaks the wire protocol (``docs/protocol.md``) for every connection of a hub.
+
+    Args:
+        hub: The running hub.
+        max_message_size: Most bytes in a client frame (``too_big`` beyond;
+            a transport should close with 1009 above its own frame limit).
+        max_depth: Most nesting of arrays and objects in a client frame.
+        max_rooms_per_connection: Most rooms one connection may be joined to
+            (``too_many_rooms`` beyond).
+        max_watches_per_connection: Most live watches of one connection.
+        max_protocol_errors: Undecodable frames in a row after which the
+            connection is closed with 4004 (``PROTOCOL_VIOLATION``).
+        authenticator: Checks tokens presented in ``auth`` commands (and bare
+            ``{"token": ...}`` frames); ``None``: such frames are refused.
+        auth_timeout: Seconds an anonymous connection has to authenticate
+            (see :meth:`unauthenticated`).
+        watch_policy: Whether a user may watch a model with these filters;
+            ``None`` lets every authenticated connection watch every model.
+        clock: Unix time, for expiry and the authentication timeout.
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        max_message_size: int = 65536,
+        max_depth: int = 32,
+        max_rooms_per_connection: int = 100,
+        max_watches_per_connection: int = 100,
+        max_protocol_errors: int = 10,
+        authenticator: Authenticator | None = None,
+        auth_timeout: float = 10.0,
+        watch_policy: WatchPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_message_size < 1 or max_depth < 1 or max_rooms_per_connection < 0 or max_watches_per_connection < 0:
+            raise ValueError("max_message_size and max_depth must be >= 1, the per-connection maxima >= 0")
+        if max_protocol_errors < 1:
+            raise ValueError(f"max_protocol_errors must be at least 1, got {max_protocol_errors}")
+        self.hub = hub
+        self.max_message_size = max_message_size
+        self.max_depth = max_depth
+        self.max_rooms_per_connection = max_rooms_per_connection
+        self.max_watches_per_connection = max_watches_per_connection
+        self.max_protocol_errors = max_protocol_errors
+        self.authenticator = authenticator
+        self.auth_timeout = auth_timeout
+        self.watch_policy = watch_policy
+        self._clock = clock
+        self._sessions: dict[str, _Session] = {}
+        self._aliases: dict[str, str] = {}
+        self._commands: dict[type[Any], Callable[[_Session, ConnectionInfo, Any], Awaitable[Any]]] = {
+            cmd.Auth: self._auth,
+            cmd.Ping: self._ping,
+            cmd.Pong: self._pong,
+            cmd.Options: self._options,
+            cmd.Join: self._join,
+            cmd.Leave: self._leave,
+            cmd.Send: self._send,
+            cmd.Edit: self._edit,
+            cmd.Delete: self._delete,
+            cmd.Typing: self._typing,
+            cmd.History: self._history,
+            cmd.Members: self._members,
+            cmd.Kick: self._kick,
+            cmd.Ban: self._ban,
+            cmd.Unban: self._unban,
+            cmd.SetRole: self._set_role,
+            cmd.RequestJoin: self._request_join,
+            cmd.Approve: self._approve,
+            cmd.Deny: self._deny,
+            cmd.JoinRequests: self._join_requests,
+            cmd.Notifications: self._notifications,
+            cmd.Unread: self._unread,
+            cmd.MarkRead: self._mark_read,
+            cmd.MarkAllRead: self._mark_all_read,
+            cmd.Clear: self._clear,
+            cmd.Watch: self._watch,
+            cmd.Unwatch: self._unwatch,
+        }
+
+    def __repr__(self) -> str:
+        return f"<ProtocolHandler {len(self._sessions)} sessions on {self.hub!r}>"
+
+    def install(self) -> ProtocolHandler:
+        """Make this the hub's inbound handler (``hub.connections.on_message``).
+
+        Returns:
+            The handler itself.
+        """
+        self.hub.connections.on_message = self.on_message
+        return self
+
+    # -- what a transport calls ------------------------------------------------------
+
+    async def open(
+        self,
+        transport: Transport,
+        identity: Identity | None,
+        *,
+        metadata: Mapping[str, object] | None = None,
+        resume: tuple[str, int] | None = None,
+    ) -> ConnectionInfo:
+        """Connect an accepted client to the hub; its first frame is ``welcome``.
+
+        Args:
+            transport: The client's socket (``send``, ``close``, optionally
+                ``send_many``); the hub writes to it and closes it.
+            identity: Who authenticated at the handshake, or ``None``: the
+                client must send ``auth`` first (within ``auth_timeout``);
+                until then only ``auth``, ``ping`` and ``options`` are
+                accepted.
+            metadata: The connection's metadata.
+            resume: The ``(epoch, seq)`` of the last notification the client
+                processed (from the handshake): the ones after it are
+                replayed after the ``welcome``.
+
+        Returns:
+            The connection's info; its ``connection_id`` is what the
+            transport passes to :meth:`frame`.
+
+        Raises:
+            TooManyConnections: A connection limit is reached (close 1013).
+            ValueError: Invalid metadata or identity.
+        """
+        session = _Session(identity=identity, metadata=metadata, resume=resume, opened_at=self._clock())
+        wrapper = session.transport = _SessionTransport(self, transport, session)
+        user_id = None if identity is None else identity.user_id
+        try:
+            connected = await self.hub.connect(wrapper, user_id, metadata, notifications_since=resume if user_id else None)
+        except BaseException:
+            wrapper.release(None)
+            raise
+        session.public_id = session.connection_id = connected.connection_id
+        if not wrapper.closed:
+            self._sessions[connected.connection_id] = session
+        notifications = None if connected.notifications is None else connected.notifications.to_dict()
+        welcome = dumps({"type": "welcome", **self._hello(session, notifications)})
+        wrapper.release(welcome)
+        self.hub.connections.send_frame_nowait(connected.connection_id, welcome)
+        return connected
+
+    async def frame(self, connection_id: str, data: str | bytes) -> None:
+        """Handle one frame the client sent (call in order, one at a time).
+
+        Never raises for a client's mistake: a refused frame is answered
+        with an ``error`` frame. A frame for a connection that is closed is
+        ignored.
+
+        Args:
+            connection_id: What :meth:`open` returned.
+            data: The frame, as text or bytes.
+        """
+        cid = self._aliases.get(connection_id, connection_id)
+        try:
+            await self.hub.connections.receive(cid, data)
+        except RateLimited as exc:
+            ref = _peek_ref(data, self.max_message_size, self.max_depth)
+            frame = encode_error("rate_limited", str(exc), ref, retry_after=round(exc.retry_after, 3))
+            self.hub.connections.send_frame_nowait(cid, frame)
+        except NotFound:
+            pass  # closed meanwhile: nobody to answer
+
+    async def close(self, connection_id: str, *, code: int = CloseCode.NORMAL, reason: str = "") -> bool:
+        """Close a connection by the id :meth:`open` returned (or the current one).
+
+        Returns:
+            Whether it was open.
+        """
+        cid = self._aliases.get(connection_id, connection_id)
+        return await self.hub.connections.disconnect(cid, code=int(code), reason=reason)
+
+    def expiring(self, now: float | None = None) -> list[str]:
+        """The connections whose identity expired by ``now`` (Unix time) without a refresh.
+
+        A transport's heartbeat sweeper closes them with
+        :attr:`CloseCode.TOKEN_EXPIRED` (4002); see :meth:`sweep`.
+        """
+        now = self._clock() if now is None else now
+        return [s.connection_id for s in self._sessions.values() if s.expires_at is not None and s.expires_at <= now]
+
+    def unauthenticated(self, now: float | None = None) -> list[str]:
+        """The anonymous connections that did not authenticate within ``auth_timeout``.
+
+        A transport's sweeper closes them with
+        :attr:`CloseCode.UNAUTHENTICATED` (4001); see :meth:`sweep`.
+        """
+        now = self._clock() if now is None else now
+        deadline = now - self.auth_timeout
+        return [s.connection_id for s in self._sessions.values() if s.identity is None and s.opened_at <= deadline]
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Close the expired (4002) and unauthenticated (4001) connections.
+
+        Returns:
+            How many were closed.
+        """
+        closed = 0
+        for cid in self.expiring(now):
+            closed += await self.hub.connections.disconnect(cid, code=CloseCode.TOKEN_EXPIRED, reason="token expired")
+        for cid in self.unauthenticated(now):
+            closed += await self.hub.connections.disconnect(cid, code=CloseCode.UNAUTHENTICATED, reason="authentication timed out")
+        return closed
+
+    def resolve(self, connection_id: str) -> str:
+        """The hub connection id now serving the connection :meth:`open` returned as ``connection_id``.
+
+        The same id, unless the connection authenticated in-band (which
+        re-opens it on the hub for its user).
+        """
+        return self._aliases.get(connection_id, connection_id)
+
+    def session_count(self) -> int:
+        """How many connections the handler keeps state for."""
+        return len(self._sessions)
+
+    def _forget(self, session: _Session) -> None:
+        if self._sessions.get(session.connection_id) is session:
+            del self._sessions[session.connection_id]
+        if self._aliases.get(session.public_id) == session.connection_id:
+            del self._aliases[session.public_id]
+
+    def _hello(self, session: _Session, notifications: Mapping[str, Any] | None) -> dict[str, Any]:
+        identity = session.identity
+        return {
+            "connection_id": session.connection_id,
+            "user_id": None if identity is None else identity.user_id,
+            "guest": False if identity is None else identity.guest,
+            "expires_at": None if identity is None else identity.expires_at,
+            "notifications": notifications,
+            "protocol": PROTOCOL_VERSION,
+            "limits": {
+                "max_message_size": self.max_message_size,
+                "max_rooms": self.max_rooms_per_connection,
+                "max_protocol_errors": self.max_protocol_errors,
+            },
+        }
+
+    # -- inbound -------------------------------------------------------------------------
+
+    async def on_message(self, info: ConnectionInfo, data: Any) -> None:
+        """Handle one client frame, inside the connection's actor.
+
+        Decodes it, runs the command and queues the reply (for a command
+        with a ``ref``) or an ``error`` frame. Never raises: a client's
+        mistake is an error frame, a server failure an ``internal`` one
+        (logged with its traceback, none on the wire).
+        """
+        session = self._sessions.get(info.connection_id)
+        if session is None:  # a connection opened on the hub directly
+            identity = None if info.user_id is None else Identity(user_id=info.user_id, source="server")
+            session = _Session(public_id=info.connection_id, connection_id=info.connection_id, identity=identity)
+            self._sessions[info.connection_id] = session
+        if not isinstance(data, (str, bytes, bytearray, memoryview)):
+            data = b""  # not a frame: decodes to an error
+        try:
+            command = decode(data, max_size=self.max_message_size, max_depth=self.max_depth)
+        except ProtocolError as exc:
+            await self._protocol_error(session, exc)
+            return
+        session.errors = 0
+        ref = command.ref
+        try:
+            if session.identity is None and not isinstance(command, (cmd.Auth, cmd.Ping, cmd.Pong, cmd.Options)):
+                raise _Refusal(NOT_AUTHENTICATED, f"authenticate first: send an auth command before {command.type}")
+            result = await self._commands[type(command)](session, info, command)
+        except _Refusal as refusal:
+            self._queue(session, encode_error(refusal.code, refusal.detail, ref, **refusal.extra))
+            return
+        except Exception as exc:
+            self._queue(session, self._error_frame(exc, ref, command, session))
+            return
+        if isinstance(result, bytes):
+            self._queue(session, result)
+        elif result is not _NO_REPLY and ref is not None:
+            self._queue(session, encode_reply(ref, result))
+
+    async def _protocol_error(self, session: _Session, exc: ProtocolError) -> None:
+        session.errors += 1
+        self._queue(session, exc.to_frame())
+        if session.errors >= self.max_protocol_errors:
+            logger.info("connection %s sent %d undecodable frames in a row; closing it", session.connection_id, session.errors)
+            await self.hub.connections.disconnect(
+                session.connection_id, code=CloseCode.PROTOCOL_VIOLATION, reason=f"{session.errors} protocol errors in a row"
+            )
+
+    def _queue(self, session: _Session, frame: bytes) -> None:
+        self.hub.connections.send_frame_nowait(session.connection_id, frame)
+
+    def _error_frame(self, exc: Exception, ref: cmd.Ref, command: cmd.Command, session: _Session) -> bytes:
+        detail = str(exc)
+        if isinstance(exc, Banned):
+            return encode_error("banned", detail, ref)
+        if isinstance(exc, RoomFull):
+            return encode_error("room_full", detail, ref)
+        if isinstance(exc, NotAMember):
+            return encode_error("not_a_member", detail, ref)
+        if isinstance(exc, ApprovalRequired):
+            return encode_error("approval_required", detail, ref)
+        if isinstance(exc, RateLimited):
+            return encode_error("rate_limited", detail, ref, retry_after=round(exc.retry_after, 3))
+        if isinstance(exc, (NotAllowed, PermissionError)):
+            return encode_error("not_allowed", detail, ref)
+        if isinstance(exc, HistoryUnavailable):
+            return encode_error("history_unavailable", detail, ref, epoch=exc.epoch, first_seq=exc.first_seq, last_seq=exc.last_seq)
+        if isinstance(exc, (InvalidMessage, ValueError)):
+            return encode_error("invalid", detail, ref)
+        if isinstance(exc, NotFound):
+            return encode_error("not_found", detail, ref)
+        if isinstance(exc, TooManyConnections):
+            return encode_error("overloaded", detail, ref)
+        logger.exception("internal error handling %s from connection %s", command.type, session.connection_id)
+        return encode_error(INTERNAL, f"the server failed to handle {command.type}", ref)
+
+    # -- commands ------------------------------------------------------------------------
+
+    def _user(self, session: _Session) -> str:
+        assert session.identity is not None
+        return session.identity.user_id
+
+    async def _joined_room(self, info: ConnectionInfo, room_id: str) -> Room:
+        if room_id not in info.rooms:
+            raise _Refusal(NOT_JOINED, f"this connection has not joined room {room_id!r}: send join first")
+        return await self.hub.room(room_id)
+
+    async def _ping(self, session: _Session, info: ConnectionInfo, command: cmd.Ping) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return encode_pong(command.ref)
+
+    async def _pong(self, session: _Session, info: ConnectionInfo, command: cmd.Pong) -> object:
+        await trio.lowlevel.checkpoint()
+        return _NO_REPLY
+
+    async def _options(self, session: _Session, info: ConnectionInfo, command: cmd.Options) -> object:
+        await trio.lowlevel.checkpoint()
+        if command.batch is not None:
+            session.batch = command.batch and session.transport is not None
+        return {"batch": session.batch}
+
+    async def _auth(self, session: _Session, info: ConnectionInfo, command: cmd.Auth) -> object:
+        if self.authenticator is None:
+            identity = None
+            why = "this server takes no tokens in messages"
+        else:
+            why = "the token was not accepted"
+            try:
+                identity = await self.authenticator.authenticate(command.token)
+            except Exception:
+                logger.exception("the authenticator raised for connection %s (token not logged)", session.connection_id)
+                identity = None
+            if identity is not None and not _valid_user_id(identity.user_id):
+                logger.error("the authenticator returned an invalid user id for connection %s", session.connection_id)
+                identity = None
+        if identity is None:
+            if session.identity is not None:
+                raise _Refusal(UNAUTHENTICATED, why)  # a failed refresh: the current identity stands until it expires
+            self._queue(session, encode_error(UNAUTHENTICATED, why, command.ref))
+            await self.hub.connections.disconnect(session.connection_id, code=CloseCode.UNAUTHENTICATED, reason="invalid token")
+            return _NO_REPLY
+        if session.identity is not None:
+            if identity.user_id != session.identity.user_id:
+                raise _Refusal("invalid", "the token is for another user: open a new connection to change users")
+            session.identity = identity  # a refresh: the new expiry counts
+            return {"user_id": identity.user_id, "guest": identity.guest, "expires_at": identity.expires_at}
+        return await self._hand_off(session, identity, command)
+
+    async def _hand_off(self, session: _Session, identity: Identity, command: cmd.Auth) -> object:
+        """Replace the anonymous hub connection by one of ``identity``'s user, on the same socket."""
+        old = session.transport
+        assert old is not None
+        old.handed_off = True
+        old_id = session.connection_id
+        del self._sessions[old_id]
+        # From inside its own actor: writes what it queued first, then ends.
+        await self.hub.connections.disconnect(old_id, code=CloseCode.NORMAL, reason="authenticated")
+        wrapper = session.transport = _SessionTransport(self, old.inner, session)
+        since = command.since.as_tuple() if command.since is not None else session.resume
+        try:
+            connected = await self.hub.connect(wrapper, identity.user_id, session.metadata, notifications_since=since)
+        except BaseException as exc:
+            wrapper.release(None)
+            code, reason = (
+                (CloseCode.TRY_AGAIN_LATER, "too many connections")
+                if isinstance(exc, TooManyConnections)
+                else (CloseCode.INTERNAL_ERROR, "internal error")
+            )
+            with trio.CancelScope(shield=True):
+                await old.inner.close(int(code), reason)
+            if isinstance(exc, Exception) and not isinstance(exc, TooManyConnections):
+                logger.exception("re-opening connection %s for its user failed", session.public_id)
+            if isinstance(exc, Exception):
+                return _NO_REPLY
+            raise
+        session.identity = identity
+        session.connection_id = connected.connection_id
+        if not wrapper.closed:
+            self._sessions[connected.connection_id] = session
+            self._aliases[session.public_id] = connected.connection_id
+        notifications = None if connected.notifications is None else connected.notifications.to_dict()
+        hello = self._hello(session, notifications)
+        first = encode_reply(command.ref, hello) if command.ref is not None else dumps({"type": "welcome", **hello})
+        wrapper.release(first)
+        self.hub.connections.send_frame_nowait(connected.connection_id, first)
+        return _NO_REPLY
+
+    async def _join(self, session: _Session, info: ConnectionInfo, command: cmd.Join) -> object:
+        if command.room not in info.rooms and len(info.rooms) >= self.max_rooms_per_connection:
+            raise _Refusal(
+                TOO_MANY_ROOMS, f"this connection has joined {len(info.rooms)} rooms; at most {self.max_rooms_per_connection} are allowed"
+            )
+        since = None if command.since is None else command.since.as_tuple()
+        joined = await self.hub.join_room(session.connection_id, command.room, display_name=command.display_name, since=since)
+        return joined.to_dict()
+
+    async def _leave(self, session: _Session, info: ConnectionInfo, command: cmd.Leave) -> object:
+        left = await self.hub.leave_room(session.connection_id, command.room)
+        member = False
+        if command.membership:
+            room = await self.hub.room(command.room)
+            member = await room.leave(self._user(session))
+        return {"room_id": command.room, "left": left, "membership_ended": member}
+
+    async def _send(self, session: _Session, info: ConnectionInfo, command: cmd.Send) -> object:
+        room = await self._joined_room(info, command.room)
+        message = await room.send_message(self._user(session), command.content, command.message_type)
+        return message.to_dict()
+
+    async def _edit(self, session: _Session, info: ConnectionInfo, command: cmd.Edit) -> object:
+        room = await self._joined_room(info, command.room)
+        message = await room.edit_message(self._user(session), command.message_id, command.content)
+        return message.to_dict()
+
+    async def _delete(self, session: _Session, info: ConnectionInfo, command: cmd.Delete) -> object:
+        room = await self._joined_room(info, command.room)
+        deleted = await room.delete_message(self._user(session), command.message_id)
+        return {"message_id": command.message_id, "deleted": deleted}
+
+    async def _typing(self, session: _Session, info: ConnectionInfo, command: cmd.Typing) -> object:
+        room = await self._joined_room(info, command.room)
+        await room.set_typing(self._user(session), command.typing)
+        return {"typing": command.typing}
+
+    async def _history(self, session: _Session, info: ConnectionInfo, command: cmd.History) -> object:
+        room = await self._joined_room(info, command.room)
+        since = None if command.since is None else command.since.as_tuple()
+        messages = await room.get_history(command.limit, since)
+        return {"room_id": command.room, "messages": [message.to_dict() for message in messages]}
+
+    async def _members(self, session: _Session, info: ConnectionInfo, command: cmd.Members) -> object:
+        room = await self._joined_room(info, command.room)
+        return {"room_id": command.room, "members": [member.to_dict() for member in await room.get_members()]}
+
+    async def _kick(self, session: _Session, info: ConnectionInfo, command: cmd.Kick) -> object:
+        room = await self._joined_room(info, command.room)
+        return {"user_id": command.user, "kicked": await room.kick(command.user, command.reason, by=self._user(session))}
+
+    async def _ban(self, session: _Session, info: ConnectionInfo, command: cmd.Ban) -> object:
+        room = await self._joined_room(info, command.room)
+        return {"user_id": command.user, "banned": await room.ban(command.user, command.reason, by=self._user(session))}
+
+    async def _unban(self, session: _Session, info: ConnectionInfo, command: cmd.Unban) -> object:
+        room = await self._joined_room(info, command.room)
+        return {"user_id": command.user, "unbanned": await room.unban(command.user, by=self._user(session))}
+
+    async def _set_role(self, session: _Session, info: ConnectionInfo, command: cmd.SetRole) -> object:
+        room = await self._joined_room(info, command.room)
+        return (await room.set_role(command.user, command.role, by=self._user(session))).to_dict()
+
+    async def _request_join(self, session: _Session, info: ConnectionInfo, command: cmd.RequestJoin) -> object:
+        room = await self.hub.room(command.room)
+        user = self._user(session)
+        request = await room.request_join(user, command.display_name or user)
+        return {"room_id": command.room, **request.to_dict()}
+
+    async def _approve(self, session: _Session, info: ConnectionInfo, command: cmd.Approve) -> object:
+        room = await self._joined_room(info, command.room)
+        return (await room.approve(command.user, by=self._user(session))).to_dict()
+
+    async def _deny(self, session: _Session, info: ConnectionInfo, command: cmd.Deny) -> object:
+        room = await self._joined_room(info, command.room)
+        return {"user_id": command.user, "denied": await room.deny(command.user, command.reason, by=self._user(session))}
+
+    async def _join_requests(self, session: _Session, info: ConnectionInfo, command: cmd.JoinRequests) -> object:
+        room = await self._joined_room(info, command.room)
+        requests = await room.get_join_requests(by=self._user(session))
+        return {"room_id": command.room, "requests": [request.to_dict() for request in requests]}
+
+    async def _notifications(self, session: _Session, info: ConnectionInfo, command: cmd.Notifications) -> object:
+        user = self._user(session)
+        if command.unread_only:
+            found = (await self.hub.notifications.get_unread(user))[-command.limit :]
+        else:
+            found = await self.hub.notifications.get_all(user, command.limit)
+        return {"notifications": [notification.to_dict() for notification in found]}
+
+    async def _unread(self, session: _Session, info: ConnectionInfo, command: cmd.Unread) -> object:
+        return {"count": len(await self.hub.notifications.get_unread(self._user(session)))}
+
+    async def _mark_read(self, session: _Session, info: ConnectionInfo, command: cmd.MarkRead) -> object:
+        if not await self.hub.notifications.mark_read(self._user(session), command.id):
+            raise NotFound(f"no notification {command.id!r}")
+        return {"id": command.id, "read": True}
+
+    async def _mark_all_read(self, session: _Session, info: ConnectionInfo, command: cmd.MarkAllRead) -> object:
+        return {"count": await self.hub.notifications.mark_all_read(self._user(session))}
+
+    async def _clear(self, session: _Session, info: ConnectionInfo, command: cmd.Clear) -> object:
+        return {"count": await self.hub.notifications.clear(self._user(session))}
+
+    async def _watch(self, session: _Session, info: ConnectionInfo, command: cmd.Watch) -> object:
+        if len(session.watches) >= self.max_watches_per_connection:
+            raise _Refusal(
+                TOO_MANY_WATCHES,
+                f"this connection has {len(session.watches)} watches; at most {self.max_watches_per_connection} are allowed",
+            )
+        filters = dict(command.filters)
+        if self.watch_policy is not None and not self.watch_policy(self._user(session), command.model, filters):
+            raise _Refusal("not_allowed", f"you may not watch {command.model!r} with these filters")
+        subscriber = self.hub.connections.get_subscriber(session.connection_id)
+        if subscriber is None:
+            raise NotFound("the connection is closed")
+        live = self.hub.live
+        watch_id = await live.watch(command.model, filters or None, subscriber=subscriber, since=command.since, epoch=command.epoch)
+        session.watches.add(watch_id)
+        return {"id": watch_id, "model": command.model, "version": await live.version(command.model), "epoch": live.epoch}
+
+    async def _unwatch(self, session: _Session, info: ConnectionInfo, command: cmd.Unwatch) -> object:
+        if command.id not in session.watches:
+            raise NotFound(f"this connection has no watch {command.id!r}")
+        session.watches.discard(command.id)
+        return {"id": command.id, "unwatched": await self.hub.live.unwatch(command.id)}
+
+
+def _peek_ref(data: Any, max_size: int, max_depth: int) -> cmd.Ref:
+    """The ``ref`` of a frame that is refused before decoding (rate limited)."""
+    if not isinstance(data, (str, bytes)):
+        return None
+    try:
+        return decode(data, max_size=max_size, max_depth=max_depth).ref
+    except ProtocolError as exc:
+        return exc.ref

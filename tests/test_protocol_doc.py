@@ -1,0 +1,230 @@
+"""Every example session in docs/protocol.md runs against a real hub.
+
+A session is a fenced block whose info string is ``session``. Its lines:
+
+- ``NAME> {json}``: client ``NAME`` sends the frame; it connects before
+  its first frame, authenticated at the handshake as user ``NAME``
+  (``alice.phone`` is another device of ``alice``; ``anonymous`` presents
+  no credential);
+- ``NAME< {json}``: a frame ``NAME`` receives, in order: after each ``>``
+  or ``!`` line the hub settles, and the frames each client received must
+  be exactly the ``<`` lines that follow (the ``welcome`` of a client is
+  skipped unless the session shows it);
+- ``! python``: server code, awaited with ``hub`` in scope (the backend);
+- ``#`` comments and blank lines are ignored.
+
+Ids, epochs and times differ per run, so they are normalised: the values of
+the keys in ``IDS`` are placeholders mapped one-to-one to the real values
+when first seen (and replaced in later client lines), and the values of the
+keys in ``TIMES`` match any number.
+
+Run ``python tests/test_protocol_doc.py`` to print each session as it runs
+now (to write a new example).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from ensemble import HubConfig, MemoryTransport, open_hub
+from ensemble.realtime import RoomConfig
+from ensemble.server import Identity, ProtocolHandler
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+IDS = {"id", "ids", "epoch", "connection_id", "message_id"}
+TIMES = {"timestamp", "joined_at", "created_at", "requested_at", "retry_after"}
+LINE = re.compile(r"^(?:(?P<name>[a-z_][a-z_.0-9]*)(?P<dir>[<>]) (?P<json>.*)|! (?P<code>.*))$")
+
+
+def sessions() -> list[tuple[int, list[str]]]:
+    found: list[tuple[int, list[str]]] = []
+    lines = DOC.read_text(encoding="utf-8").splitlines()
+    index = 0
+    while index < len(lines):
+        if lines[index].strip() == "```session":
+            start = index + 1
+            end = lines.index("```", start)
+            found.append((start + 1, lines[start:end]))
+            index = end
+        index += 1
+    return found
+
+
+class Tokens:
+    """The doc's authenticator: ``token-<user>`` is that user's token."""
+
+    async def authenticate(self, token: str) -> Identity | None:
+        await trio.lowlevel.checkpoint()
+        return Identity(user_id=token.removeprefix("token-"), expires_at=1900000000.0) if token.startswith("token-") else None
+
+
+class Normaliser:
+    def __init__(self) -> None:
+        self.real: dict[str, str] = {}  # placeholder -> real
+        self.shown: dict[str, str] = {}  # real -> placeholder
+        self.counts: dict[str, int] = {}
+
+    def substitute(self, text: str) -> str:
+        for placeholder, real in self.real.items():
+            text = text.replace(f'"{placeholder}"', json.dumps(real))
+            text = text.replace(f'"live:{placeholder}"', json.dumps(f"live:{real}"))
+        return text
+
+    def match(self, expected: Any, actual: Any, key: str = "") -> bool:
+        if key in TIMES and isinstance(actual, (int, float)) and isinstance(expected, (int, float)):
+            return True
+        if key in IDS and isinstance(expected, str) and isinstance(actual, str):
+            return self._same(expected, actual)
+        if key == "topic" and isinstance(expected, str) and isinstance(actual, str) and expected.startswith("live:"):
+            return actual.startswith("live:") and self._same(expected[5:], actual[5:])
+        if isinstance(expected, dict) and isinstance(actual, dict):
+            return expected.keys() == actual.keys() and all(self.match(expected[k], actual[k], k) for k in expected)
+        if isinstance(expected, list) and isinstance(actual, list):
+            return len(expected) == len(actual) and all(self.match(e, a, key) for e, a in zip(expected, actual, strict=True))
+        if isinstance(actual, (list, dict)) and key == "positions":
+            return False
+        return bool(expected == actual and type(expected) is type(actual))
+
+    def _same(self, placeholder: str, real: str) -> bool:
+        known = self.real.get(placeholder)
+        if known is None:
+            if real in self.shown:
+                return False  # one-to-one
+            self.real[placeholder] = real
+            self.shown[real] = placeholder
+            return True
+        return known == real
+
+    def show(self, value: Any, key: str = "") -> Any:
+        """The value with real ids replaced by new placeholders (for writing examples)."""
+        if key in TIMES and isinstance(value, (int, float)):
+            return 1700000000.0 if key != "retry_after" else 0.5
+        if key in IDS and isinstance(value, str):
+            return self._placeholder(key, value)
+        if key == "topic" and isinstance(value, str) and value.startswith("live:"):
+            return "live:" + self._placeholder("id", value[5:])
+        if isinstance(value, dict):
+            return {k: self.show(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.show(v, key) for v in value]
+        return value
+
+    def _placeholder(self, key: str, real: str) -> str:
+        if real not in self.shown:
+            prefix = {"epoch": "E", "connection_id": "C"}.get(key, "I")
+            self.counts[prefix] = self.counts.get(prefix, 0) + 1
+            placeholder = f"{prefix}{self.counts[prefix]}"
+            self.shown[real] = placeholder
+            self.real[placeholder] = real
+        return self.shown[real]
+
+
+def split(frame: bytes) -> Iterator[Any]:
+    for line in frame.split(b"\n"):
+        yield json.loads(line)
+
+
+async def run_session(lines: list[str], *, first_line: int, record: bool = False) -> list[str]:
+    normaliser = Normaliser()
+    out: list[str] = []
+    config = HubConfig(room=RoomConfig(history_size=3))
+    async with open_hub(config) as hub:
+        handler = ProtocolHandler(hub, authenticator=Tokens(), max_rooms_per_connection=2).install()
+        transports: dict[str, MemoryTransport] = {}
+        ids: dict[str, str] = {}
+        read: dict[str, int] = {}
+        shows_welcome = {m["name"] for line in lines if (m := LINE.match(line)) and m["dir"] == "<" and '"type":"welcome"' in line}
+        expected: dict[str, list[tuple[int, Any]]] = {}
+
+        async def client(name: str) -> str:
+            if name not in ids:
+                transport = transports[name] = MemoryTransport()
+                user = name.split(".")[0]  # alice.phone: another device of alice
+                identity = None if user == "anonymous" else Identity(user_id=user, expires_at=1900000000.0)
+                info = await handler.open(transport, identity)
+                ids[name] = info.connection_id
+                read[name] = 0
+            return ids[name]
+
+        async def settle_and_check() -> None:
+            await trio.sleep(0.5)
+            for name, transport in transports.items():
+                frames = [f for frame in transport.sent for f in split(frame)]
+                got = frames[read[name] :]
+                read[name] = len(frames)
+                if name not in shows_welcome:
+                    got = [f for f in got if f.get("type") != "welcome"]
+                want = expected.pop(name, [])
+                if record:
+                    out.extend(f"{name}< {json.dumps(normaliser.show(f), separators=(',', ':'), ensure_ascii=False)}" for f in got)
+                    continue
+                if len(got) != len(want) or not all(normaliser.match(w, g) for (_, w), g in zip(want, got, strict=False)):
+                    shown = "\n".join(json.dumps(g, ensure_ascii=False) for g in got)
+                    where = ", ".join(str(number) for number, _ in want) or "none"
+                    raise AssertionError(f"{DOC.name}: {name} received (expected lines {where}):\n{shown}")
+            if expected and not record:
+                raise AssertionError(f"{DOC.name}: frames expected for clients that never connected: {sorted(expected)}")
+
+        pending = False
+        for offset, line in enumerate(lines):
+            number = first_line + offset
+            if not line.strip() or line.startswith("#"):
+                continue
+            match = LINE.match(line)
+            assert match, f"{DOC.name}:{number}: not a session line: {line!r}"
+            if match["dir"] == "<":
+                if not record:
+                    expected.setdefault(match["name"], []).append((number, json.loads(line.split("< ", 1)[1])))
+                continue
+            if pending:
+                await settle_and_check()
+            if record:
+                out.append(line)
+            if match["code"] is not None:
+                await eval(
+                    compile(match["code"], f"{DOC.name}:{number}", "eval", flags=0x2000),
+                    {"hub": hub, "trio": trio, "RoomConfig": RoomConfig},
+                )
+            else:
+                name = match["name"]
+                await client(name)
+                frame = normaliser.substitute(match["json"])
+                await handler.frame(ids[name], frame)
+            pending = True
+        await settle_and_check()
+    return out
+
+
+@pytest.mark.parametrize(("first_line", "lines"), sessions(), ids=lambda v: f"line{v}" if isinstance(v, int) else "")
+async def test_session(first_line: int, lines: list[str], autojump_clock: trio.abc.Clock) -> None:
+    await run_session(lines, first_line=first_line)
+
+
+def test_the_doc_has_sessions_for_every_command() -> None:
+    from ensemble.protocol import COMMAND_TYPES
+
+    text = "\n".join(line for _, lines in sessions() for line in lines)
+    missing = [kind for kind in COMMAND_TYPES if f'"type":"{kind}"' not in text]
+    assert not missing, f"no example session sends {missing}"
+
+
+def _record(first: int, lines: list[str]) -> None:
+    print(f"--- line {first}")
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    print("\n".join(trio.run(lambda: run_session(lines, first_line=first, record=True), clock=clock)))
+
+
+if __name__ == "__main__":  # print the sessions as they run now
+    only = int(sys.argv[1]) if len(sys.argv) > 1 else None
+    for first, lines in sessions():
+        if only is None or first == only:
+            _record(first, lines)
