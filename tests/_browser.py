@@ -92,7 +92,8 @@ class Page:
         with trio.fail_after(timeout):
             while True:
                 try:
-                    value = await self.evaluate(expression)
+                    # A DOM node is not JSON: test truthiness in the page, then fetch the value.
+                    value = await self.evaluate(f"(() => {{ const v = ({expression}); return v ? (v instanceof Node ? true : v) : v; }})()")
                 except CDPError:
                     value = None  # the page may still be loading
                 if value:

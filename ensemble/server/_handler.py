@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import attrs
 import trio
@@ -61,6 +61,7 @@ from ..realtime import (
     TooManyConnections,
     Transport,
 )
+from ._auth import Authenticator
 from ._identity import Identity
 
 logger = logging.getLogger("ensemble.server")
@@ -78,14 +79,6 @@ INTERNAL: Final = "internal"
 
 WatchPolicy = Callable[[str | None, str, Mapping[str, cmd.Scalar]], bool]
 """``(user_id, model, filters) -> bool``: whether a connection may watch."""
-
-
-class Authenticator(Protocol):
-    """Turns a token presented in a message into an identity."""
-
-    async def authenticate(self, token: str) -> Identity | None:
-        """The token's identity, or ``None`` when it is not valid."""
-        ...
 
 
 class _Refusal(Exception):
@@ -552,8 +545,13 @@ class ProtocolHandler:
             why = "the token was not accepted"
             try:
                 identity = await self.authenticator.authenticate(command.token)
-            except Exception:
-                logger.exception("the authenticator raised for connection %s (token not logged)", session.connection_id)
+            except Exception as exc:
+                # Only the type and where it was raised: an exception's message may hold the token.
+                tb = exc.__traceback__
+                while tb is not None and tb.tb_next is not None:
+                    tb = tb.tb_next
+                where = "?" if tb is None else f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+                logger.error("the authenticator raised %s at %s for connection %s", type(exc).__name__, where, session.connection_id)
                 identity = None
             if identity is not None and not _valid_user_id(identity.user_id):
                 logger.error("the authenticator returned an invalid user id for connection %s", session.connection_id)
@@ -655,7 +653,10 @@ class ProtocolHandler:
 
     async def _members(self, session: _Session, info: ConnectionInfo, command: cmd.Members) -> object:
         room = await self._joined_room(info, command.room)
-        return {"room_id": command.room, "members": [member.to_dict() for member in await room.get_members()]}
+        # Online in this room: a connection of theirs is subscribed to it (what presence events track).
+        online = {c.user_id for c in self.hub.connections.get_room_connections(command.room) if c.user_id is not None}
+        members = [{**member.to_dict(), "online": member.user_id in online} for member in await room.get_members()]
+        return {"room_id": command.room, "members": members}
 
     async def _kick(self, session: _Session, info: ConnectionInfo, command: cmd.Kick) -> object:
         room = await self._joined_room(info, command.room)
