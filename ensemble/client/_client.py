@@ -277,6 +277,10 @@ class Client:
                             pass  # the reader saw the close and ends the nursery
                         except (ServerError, TimeoutError) as exc:
                             failure = exc
+                            # A refused auth is followed by the server's close
+                            # (4001): wait a moment for its code, then give up.
+                            with trio.move_on_after(1.0):
+                                await trio.sleep_forever()
                             nursery.cancel_scope.cancel()
                         else:
                             attempt = 0
