@@ -146,10 +146,19 @@ burst_size = 1000000
         for p in procs:
             p.start()
         for _ in procs:
-            ready_queue.get(timeout=300)
+            ready_queue.get(timeout=900)
+        # The joins' presence and member_joined events (N² frames) may still
+        # be on their way: start only once the server has gone quiet.
+        idle = cpu_seconds(server.pid)
+        while True:
+            time.sleep(0.5)
+            now = cpu_seconds(server.pid)
+            if now - idle < 0.02:
+                break
+            idle = now
         cpu_before = cpu_seconds(server.pid)
         start = trio.run(publish, url, messages, size)
-        results = [result_queue.get(timeout=600) for _ in procs]
+        results = [result_queue.get(timeout=900) for _ in procs]
         cpu_after = cpu_seconds(server.pid)
         for p in procs:
             p.join(timeout=30)
