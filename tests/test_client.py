@@ -70,7 +70,7 @@ async def test_commands_replies_errors_and_events() -> None:
         await reply(ws, auth, {"user_id": "alice"})
         join = await server.command(ws, n)
         await reply(ws, join, {"room": "general", "recovered": True})
-        await ws.send_message(event(5, "hi"))
+        await ws.send_message(event(5, "hi") + "\n" + event(6, "batched"))  # a batch: newline-separated events
         send = await server.command(ws, n)
         await ws.send_message(json.dumps({"type": "error", "ref": send["ref"], "code": "rate_limited", "detail": "slow down"}))
         ping = await server.command(ws, n)
@@ -86,7 +86,8 @@ async def test_commands_replies_errors_and_events() -> None:
             assert client.welcome == welcome
             message = await events.__anext__()
             assert message["data"]["content"] == "hi"
-            assert client.positions == {"room:general": ("e1", 5)}
+            assert (await events.__anext__())["data"]["content"] == "batched"
+            assert client.positions == {"room:general": ("e1", 6)}
             with pytest.raises(ServerError) as error:
                 await client.send("general", "too fast")
             assert (error.value.code, error.value.detail) == ("rate_limited", "slow down")

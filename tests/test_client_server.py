@@ -64,3 +64,19 @@ async def test_a_bad_token_is_terminal() -> None:
             async with open_client(server.ws_url(), token="not-a-jwt", backoff=FAST):
                 pass  # pragma: no cover
         assert closed.value.code == int(CloseCode.UNAUTHENTICATED)
+
+
+async def test_a_batching_client_gets_every_event() -> None:
+    config = make_config(auth=AuthConfig(jwt_secret=SECRET))
+    async with running_server(config) as server:
+        url = server.ws_url()
+        async with (
+            open_client(url, token=token("alice"), backoff=FAST) as alice,
+            open_client(url, token=token("bob"), backoff=FAST, batch=True) as bob,
+        ):
+            await alice.join("general")
+            await bob.join("general")
+            for n in range(5):  # within the default inbound rate limit (10 a second)
+                await alice.send("general", f"burst {n}")
+            for n in range(5):
+                await next_message(bob.events(), f"burst {n}")

@@ -131,8 +131,10 @@ class Client:
         event_buffer: int,
         request_timeout: float,
         seed: int | None,
+        batch: bool = False,
     ) -> None:
         self._url = url
+        self._batch = batch
         self._token = token
         self._backoff = backoff
         self._request_timeout = request_timeout
@@ -346,6 +348,8 @@ class Client:
         token = await self._token_now()
         if token is not None:
             await self._request(ws, "auth", {"token": token})
+        if self._batch:
+            await self._request(ws, "options", {"batch": True})
         for room, state in list(self._rooms.items()):
             data = await self._join(ws, room, state.display_name)
             if isinstance(data, dict) and data.get("recovered") is False:
@@ -362,14 +366,18 @@ class Client:
                 self._fail_pending()
                 scope.cancel()
                 return
-            try:
-                frame = loads(message)
-            except ValueError:
-                logger.warning("ignoring a frame that is not JSON")
-                continue
-            for item in frame if isinstance(frame, list) else [frame]:
-                if isinstance(item, dict):
-                    await self._dispatch(item)
+            # One event per frame, or several separated by newlines when
+            # batching was negotiated (``options`` with ``batch: true``).
+            for line in message.split("\n") if isinstance(message, str) else [message]:
+                if not line:
+                    continue
+                try:
+                    frame = loads(line)
+                except ValueError:
+                    logger.warning("ignoring a frame that is not JSON")
+                    continue
+                if isinstance(frame, dict):
+                    await self._dispatch(frame)
 
     async def _dispatch(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
@@ -424,6 +432,7 @@ async def open_client(
     event_buffer: int = 1000,
     request_timeout: float = 10.0,
     seed: int | None = None,
+    batch: bool = False,
 ) -> AsyncIterator[Client]:
     """Connect to an Ensemble server and keep the connection up.
 
@@ -436,6 +445,8 @@ async def open_client(
             reader waits (and the server sees a slow consumer).
         request_timeout: Longest wait for a connection or a reply.
         seed: Seeds the jitter (tests).
+        batch: Ask the server for several events per frame (fewer frames
+            to parse and write when many events arrive at once).
 
     Yields:
         The :class:`Client`, once connected (and authenticated).
@@ -452,6 +463,7 @@ async def open_client(
         event_buffer=event_buffer,
         request_timeout=request_timeout,
         seed=seed,
+        batch=batch,
     )
     start_error: Closed | None = None
     body_error: BaseException | None = None
