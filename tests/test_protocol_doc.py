@@ -138,7 +138,7 @@ async def run_session(lines: list[str], *, first_line: int, record: bool = False
     out: list[str] = []
     config = HubConfig(room=RoomConfig(history_size=3))
     async with open_hub(config) as hub:
-        handler = ProtocolHandler(hub, authenticator=Tokens(), max_rooms_per_connection=2).install()
+        handler = ProtocolHandler(hub, authenticator=Tokens(), max_rooms_per_connection=2, watchable_models=["Order"]).install()
         transports: dict[str, MemoryTransport] = {}
         ids: dict[str, str] = {}
         read: dict[str, int] = {}

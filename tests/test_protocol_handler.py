@@ -376,7 +376,7 @@ async def test_watch_and_unwatch(hub: Hub, tokens: Tokens) -> None:
         policy_calls.append((user, model))
         return model != "Secret"
 
-    handler = ProtocolHandler(hub, watch_policy=policy, max_watches_per_connection=2).install()
+    handler = ProtocolHandler(hub, watchable_models="*", watch_policy=policy, max_watches_per_connection=2).install()
     alice = await connect(handler, "alice")
     bob = await connect(handler, "bob")
     await hub.live.notify_create("Order", 1, {"status": "open"})
@@ -611,3 +611,16 @@ async def test_sessions_are_forgotten_whatever_closes_the_connection(handler: Pr
     await trio.sleep(0.1)
     assert bob.closed == CloseCode.INTERNAL_ERROR
     assert handler.session_count() == 0
+
+
+async def test_watching_is_refused_unless_the_model_is_watchable(hub: Hub) -> None:
+    default = ProtocolHandler(hub).install()
+    alice = await connect(default, "alice")
+    refused = await alice.ask({"type": "watch", "model": "Order"})
+    assert code_of(refused) == "not_allowed"
+    assert "watchable_models" in refused["detail"]
+    assert hub.live.statistics().watchers == 0
+    listed = ProtocolHandler(hub, watchable_models=["Order"]).install()
+    bob = await connect(listed, "bob")
+    assert data_of(await bob.ask({"type": "watch", "model": "Order"}))["model"] == "Order"
+    assert code_of(await bob.ask({"type": "watch", "model": "User"})) == "not_allowed"

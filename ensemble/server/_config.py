@@ -353,6 +353,8 @@ class ServerConfig:
             (non-browser clients) may connect with a token, never a cookie.
         api_keys: Keys accepted by the HTTP API (``Authorization: Bearer``).
             Never shown in a repr or logged.
+        watchable_models: The live-query models clients may ``watch``
+            (``"*"``: any); empty (the default): none.
         auth: :class:`AuthConfig`.
         limits: :class:`LimitsConfig`.
         heartbeat: :class:`HeartbeatConfig`.
@@ -373,6 +375,7 @@ class ServerConfig:
     transport: str = attrs.field(default="hypercorn", validator=_one_of(TRANSPORTS))
     allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple, validator=_valid_origins)
     api_keys: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple, validator=_valid_api_keys, repr=False)
+    watchable_models: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
     auth: AuthConfig = attrs.field(factory=AuthConfig, validator=attrs.validators.instance_of(AuthConfig))
     limits: LimitsConfig = attrs.field(factory=LimitsConfig, validator=attrs.validators.instance_of(LimitsConfig))
     heartbeat: HeartbeatConfig = attrs.field(factory=HeartbeatConfig, validator=attrs.validators.instance_of(HeartbeatConfig))

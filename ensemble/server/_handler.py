@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any, Final
 
 import attrs
@@ -214,8 +214,12 @@ class ProtocolHandler:
             ``{"token": ...}`` frames); ``None``: such frames are refused.
         auth_timeout: Seconds an anonymous connection has to authenticate
             (see :meth:`unauthenticated`).
-        watch_policy: Whether a user may watch a model with these filters;
-            ``None`` lets every authenticated connection watch every model.
+        watchable_models: The models clients may watch (``"*"``: any).
+            Empty, the default: ``watch`` is refused (error
+            ``not_allowed``), since a live query would otherwise show any
+            client every row of every model the backend notifies about.
+        watch_policy: Further, whether a user may watch a model with these
+            filters (row-level rules); ``None``: no further check.
         clock: Unix time, for expiry and the authentication timeout.
     """
 
@@ -230,6 +234,7 @@ class ProtocolHandler:
         max_protocol_errors: int = 10,
         authenticator: Authenticator | None = None,
         auth_timeout: float = 10.0,
+        watchable_models: Collection[str] = (),
         watch_policy: WatchPolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -245,6 +250,7 @@ class ProtocolHandler:
         self.max_protocol_errors = max_protocol_errors
         self.authenticator = authenticator
         self.auth_timeout = auth_timeout
+        self.watchable_models = frozenset(watchable_models)
         self.watch_policy = watch_policy
         self._clock = clock
         self._sessions: dict[str, _Session] = {}
@@ -722,6 +728,8 @@ class ProtocolHandler:
                 f"this connection has {len(session.watches)} watches; at most {self.max_watches_per_connection} are allowed",
             )
         filters = dict(command.filters)
+        if "*" not in self.watchable_models and command.model not in self.watchable_models:
+            raise _Refusal("not_allowed", f"model {command.model!r} may not be watched (the server's watchable_models)")
         if self.watch_policy is not None and not self.watch_policy(self._user(session), command.model, filters):
             raise _Refusal("not_allowed", f"you may not watch {command.model!r} with these filters")
         subscriber = self.hub.connections.get_subscriber(session.connection_id)

@@ -378,6 +378,7 @@ class EnsembleApp:
                     max_rooms_per_connection=config.limits.max_rooms_per_connection,
                     authenticator=self.authenticator,
                     auth_timeout=config.auth.auth_timeout,
+                    watchable_models=config.watchable_models,
                 ).install()
                 heartbeat = Heartbeat(
                     hub.connections,
