@@ -61,6 +61,8 @@ async def _client(url: str, k: int, ready: trio.Semaphore, done: list[float], jo
                 frame = json.loads(line)
                 if frame.get("type") == "message":
                     got += 1
+                elif frame.get("type") == "ping":  # the server's heartbeat, as a real client answers it
+                    await ws.send_message('{"type":"pong"}')
         done.append(time.perf_counter())
 
 

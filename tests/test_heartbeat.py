@@ -16,6 +16,7 @@ import trio.testing
 from test_asgi_server import closed_with, make_config, open_websocket_url, receive_json, receive_until, request, running_server
 
 from ensemble.protocol import CloseCode
+from ensemble.realtime import OutboxStatistics
 from ensemble.server._config import HeartbeatConfig
 from ensemble.server._heartbeat import PING_FRAME, Heartbeat, Sweep
 
@@ -26,6 +27,7 @@ class FakeConnections:
     def __init__(self) -> None:
         self.frames: list[tuple[str, bytes]] = []
         self.closed: list[tuple[str, int, str]] = []
+        self.taken: dict[str, int] = {}  # outbox events taken so far, per connection (write progress)
 
     def send_frame_nowait(self, connection_id: str, frame: bytes) -> bool:
         self.frames.append((connection_id, frame))
@@ -35,6 +37,26 @@ class FakeConnections:
         await trio.lowlevel.checkpoint()
         self.closed.append((connection_id, code, reason))
         return True
+
+    def outbox_statistics(self, connection_id: str) -> OutboxStatistics | None:
+        taken = self.taken.get(connection_id)
+        if taken is None:
+            return None
+        return OutboxStatistics(
+            depth=1,
+            bytes=1,
+            peak=1,
+            peak_bytes=1,
+            max_events=10,
+            max_bytes=100,
+            accepted=taken,
+            coalesced=0,
+            dropped=0,
+            refused=0,
+            delivered=taken,
+            overflowed=False,
+            closed=False,
+        )
 
 
 def test_the_sweep_decides_pings_and_timeouts() -> None:
@@ -164,3 +186,25 @@ async def test_a_ping_frame_reaches_a_silent_client() -> None:
         await receive_json(ws)
         frame: dict[str, Any] = await receive_until(ws, lambda frame: frame["type"] == "ping")
         assert frame == {"type": "ping"}
+
+
+def test_a_busy_connection_still_reading_is_not_timed_out() -> None:
+    # Its answer to the ping is queued behind a burst of events it is still
+    # reading: write progress counts as life. A peer that stops reading dies.
+    now = [0.0]
+    connections = FakeConnections()
+    beat = Heartbeat(connections, interval=10.0, timeout=5.0, clock=lambda: now[0])
+    beat.opened("busy")
+    beat.opened("stuck")
+    connections.taken.update(busy=100, stuck=100)
+    now[0] = 10.0
+    assert sorted(beat.sweep().ping) == ["busy", "stuck"]
+    connections.taken["busy"] = 250  # the busy one keeps taking frames
+    now[0] = 15.0
+    sweep = beat.sweep()
+    assert list(sweep.timed_out) == ["stuck"]
+    assert "busy" in beat
+    now[0] = 25.0
+    connections.taken["busy"] = 251  # only our next ping was taken: that is no sign of life
+    now[0] = 30.0
+    assert list(beat.sweep().timed_out) == ["busy"]

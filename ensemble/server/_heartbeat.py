@@ -8,8 +8,10 @@ A transport records when each connection last sent anything
   (queued through its outbox with ``send_frame_nowait``, at most one per
   ``interval``); any frame from the client counts as an answer (a ``pong``,
   or anything else);
-- a connection silent for ``interval + timeout`` is closed with
-  :attr:`CloseCode.HEARTBEAT_TIMEOUT` (4009): the peer vanished (no FIN) or
+- a connection silent for ``interval + timeout`` whose outbox made no
+  write progress since the ping (beyond the ping itself: a peer busy
+  reading a burst has its answer queued behind it, and is alive) is closed
+  with :attr:`CloseCode.HEARTBEAT_TIMEOUT` (4009): the peer vanished (no FIN) or
   stopped answering, and its presence ends with the close;
 - the connections that did not authenticate in time
   (``unauthenticated(now)``, the protocol handler's answer) are closed with
@@ -38,6 +40,7 @@ import attrs
 import trio
 
 from ..protocol import CloseCode
+from ..realtime import OutboxStatistics
 
 logger = logging.getLogger("ensemble.server.heartbeat")
 
@@ -51,6 +54,8 @@ class _Connections(Protocol):
     def send_frame_nowait(self, connection_id: str, frame: bytes) -> bool: ...
 
     async def disconnect(self, connection_id: str, *, code: int = ..., reason: str = ...) -> bool: ...
+
+    def outbox_statistics(self, connection_id: str) -> OutboxStatistics | None: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -144,6 +149,7 @@ class Heartbeat:
         self._wall_clock = wall_clock
         self._last: dict[str, float] = {}
         self._pinged: dict[str, float] = {}
+        self._progress: dict[str, int] = {}  # outbox events taken, at the last ping or check
         self._closing: set[str] = set()
         self._sweeps = 0
         self._pings = 0
@@ -169,6 +175,7 @@ class Heartbeat:
         """Stop tracking a connection (idempotent)."""
         self._last.pop(connection_id, None)
         self._pinged.pop(connection_id, None)
+        self._progress.pop(connection_id, None)
 
     def __contains__(self, connection_id: object) -> bool:
         return connection_id in self._last
@@ -217,11 +224,17 @@ class Heartbeat:
             if connection_id in closing:
                 continue
             if last <= dead_after:
+                if self._writing(tracked, connection_id):
+                    # Still taking our frames (the ping may be queued behind
+                    # them): alive, only busy. Ping again later.
+                    self._last[tracked] = silent_after
+                    continue
                 timed_out.append(connection_id)
                 dead.append(tracked)
             elif self._pinged.get(tracked, -math.inf) <= silent_after:
                 self._pinged[tracked] = now
                 ping.append(connection_id)
+                self._writing(tracked, connection_id)  # the baseline of write progress
         for tracked in dead:
             self.closed(tracked)
         decided = {*timed_out}
@@ -245,6 +258,23 @@ class Heartbeat:
             while True:
                 await trio.sleep(self.tick)
                 self.apply(self.sweep(), nursery)
+
+    def _writing(self, tracked: str, connection_id: str) -> bool:
+        """Whether the connection's outbox was drained further since the last check.
+
+        A connection actor takes its next batch only after the previous one
+        was written, so progress means the peer is reading (its TCP stack
+        acknowledges), even if its answer to our ping is still queued behind
+        a burst of events. A vanished peer makes no progress.
+        """
+        stats = self.connections.outbox_statistics(connection_id)
+        if stats is None:
+            return False
+        before = self._progress.get(tracked)
+        self._progress[tracked] = stats.delivered
+        # More than the one frame of our own ping: a peer that only takes
+        # pings from us (and never answers) is not shown alive by them.
+        return before is not None and stats.delivered > before + 1
 
     def apply(self, sweep: Sweep, nursery: trio.Nursery) -> None:
         """Do what a sweep decided: queue the pings, start the closes in ``nursery``."""
