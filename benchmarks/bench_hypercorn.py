@@ -109,6 +109,12 @@ def run(clients: int, messages: int, workers: int, size: int) -> dict[str, Any]:
 max_connections = {clients + 100}
 max_connections_per_user = {clients + 100}
 
+[heartbeat]
+# The set-up storm (N joins, N² presence and member events) can keep a ping
+# queued for longer than the default 20 + 20 s: this measures fan-out.
+interval = 600
+timeout = 600
+
 [hub]
 outbox_max_events = {messages + 1000}
 
