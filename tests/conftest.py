@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import _sockets
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -36,3 +37,10 @@ def _load_benchmark(name: str) -> ModuleType:
 def load_benchmark() -> Callable[[str], ModuleType]:
     """``load_benchmark("bench_rooms")``: a benchmark script, imported as a module."""
     return _load_benchmark
+
+
+@pytest.fixture(params=_sockets.TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each server transport in turn: the socket-level protocol tests run against all of them."""
+    value: str = request.param
+    return value

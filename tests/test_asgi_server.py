@@ -8,139 +8,57 @@ bounded by ``trio.fail_after``; nothing asserts a duration.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
-import attrs
 import jwt
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+from _sockets import (
+    SECRET,
+    Server,
+    _serve,
+    closed_with,
+    http_get,
+    http_request,
+    make_config,
+    open_websocket_url,
+    receive_json,
+    receive_until,
+    refused_handshake,
+    request,
+    running_server,
+    token,
+)
 
 from ensemble.protocol import CloseCode
 from ensemble.server._config import AuthConfig, LimitsConfig, ServerConfig
-from ensemble.server._serve import Listening, serve
+from ensemble.server._serve import Listening
 from ensemble.transport import EnsembleApp, create_app
 from ensemble.transport._asgi import _app_path, close_reason
 
-SECRET = "s" * 32
-DEADLINE = 10.0
-
-
-@attrs.frozen
-class Server:
-    """A running server: its app and where it listens."""
-
-    app: EnsembleApp
-    listening: Listening
-    stop: trio.Event
-
-    @property
-    def port(self) -> int:
-        return self.listening.port
-
-    def ws_url(self, query: str = "") -> str:
-        return f"ws://127.0.0.1:{self.port}/ws" + (f"?{query}" if query else "")
-
-
-@asynccontextmanager
-async def open_websocket_url(
-    url: str,
-    *,
-    subprotocols: list[str] | None = None,
-    extra_headers: list[tuple[bytes, bytes]] | None = None,
-) -> AsyncIterator[WebSocketConnection]:
-    """A trio-websocket client whose socket is closed at the end, whoever closed first.
-
-    (``trio_websocket.open_websocket_url`` leaves its socket open when the
-    server closes the connection: a ResourceWarning.)
-    """
-    rest = url.removeprefix("ws://")
-    address, _, resource = rest.partition("/")
-    host, _, port = address.partition(":")
-    with trio.fail_after(DEADLINE):
-        stream = await trio.open_tcp_stream(host, int(port))
-    try:
-        async with trio.open_nursery() as nursery:
-            with trio.fail_after(DEADLINE):
-                ws = await wrap_client_stream(nursery, stream, host, "/" + resource, subprotocols=subprotocols, extra_headers=extra_headers)
-            try:
-                yield ws
-            finally:
-                with trio.move_on_after(DEADLINE):
-                    await ws.aclose()
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
-def make_config(**changes: Any) -> ServerConfig:
-    """A loopback config on an ephemeral port (``section__option`` keys work)."""
-    return ServerConfig(port=0).evolve(**changes)
-
-
-@asynccontextmanager
-async def running_server(config: ServerConfig | None = None, **app_options: Any) -> AsyncIterator[Server]:
-    """Serve ``config`` on 127.0.0.1 until the block ends (then shut down gracefully)."""
-    config = config if config is not None else make_config()
-    app = create_app(config, **app_options)
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        listening = await nursery.start(_serve, config, app, stop)
-        try:
-            yield Server(app, listening, stop)
-        finally:
-            stop.set()
-
-
-async def _serve(config: ServerConfig, app: EnsembleApp, stop: trio.Event, *, task_status: trio.TaskStatus[Listening]) -> None:
-    await serve(config, app=app, shutdown_trigger=stop.wait, handle_signals=False, task_status=task_status)
-
-
-async def receive_json(ws: WebSocketConnection) -> dict[str, Any]:
-    with trio.fail_after(DEADLINE):
-        message = await ws.get_message()
-    assert isinstance(message, str)
-    frame = json.loads(message)
-    assert isinstance(frame, dict)
-    return frame
-
-
-async def receive_until(ws: WebSocketConnection, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    """The first frame that matches (the others are skipped)."""
-    with trio.fail_after(DEADLINE):
-        while True:
-            frame = await receive_json(ws)
-            if match(frame):
-                return frame
-
-
-async def request(ws: WebSocketConnection, ref: int, **command: Any) -> dict[str, Any]:
-    """Send a command with ``ref`` and return its reply or error."""
-    await ws.send_message(json.dumps({**command, "ref": ref}))
-    return await receive_until(ws, lambda frame: frame.get("ref") == ref and frame["type"] in ("reply", "error", "pong"))
-
-
-async def closed_with(ws: WebSocketConnection) -> int:
-    """Read until the server closes; the close code."""
-    with trio.fail_after(DEADLINE):
-        while ws.closed is None:
-            with contextlib.suppress(ConnectionClosed):
-                await ws.get_message()
-    return int(ws.closed.code)
-
-
-def token(user: str, **claims: Any) -> str:
-    return jwt.encode({"sub": user, "exp": int(time.time()) + 3600, **claims}, SECRET, algorithm="HS256")
-
+__all__ = [  # the harness moved to tests/_sockets.py; these names stay importable from here
+    "SECRET",
+    "Server",
+    "_serve",
+    "closed_with",
+    "http_get",
+    "http_request",
+    "make_config",
+    "open_websocket_url",
+    "receive_json",
+    "receive_until",
+    "refused_handshake",
+    "request",
+    "running_server",
+    "token",
+]
 
 # -- the /ws path ---------------------------------------------------------------------------
 
 
-async def test_welcome_on_connect() -> None:
-    async with running_server() as server, open_websocket_url(server.ws_url("token=alice")) as ws:
+async def test_welcome_on_connect(transport: str) -> None:
+    async with running_server(transport=transport) as server, open_websocket_url(server.ws_url("token=alice")) as ws:
         welcome = await receive_json(ws)
         assert welcome["type"] == "welcome"
         assert welcome["user_id"] == "alice"
@@ -149,9 +67,9 @@ async def test_welcome_on_connect() -> None:
         assert server.app.hub.is_online("alice")
 
 
-async def test_two_clients_in_a_room_see_each_others_messages() -> None:
+async def test_two_clients_in_a_room_see_each_others_messages(transport: str) -> None:
     async with (
-        running_server() as server,
+        running_server(transport=transport) as server,
         open_websocket_url(server.ws_url("token=alice")) as alice,
         open_websocket_url(server.ws_url("token=bob")) as bob,
     ):
@@ -171,9 +89,9 @@ async def test_two_clients_in_a_room_see_each_others_messages() -> None:
         assert server.app.counters.frames_out >= 6
 
 
-async def test_an_origin_not_allowed_is_refused_before_the_upgrade() -> None:
+async def test_an_origin_not_allowed_is_refused_before_the_upgrade(transport: str) -> None:
     config = make_config(allowed_origins=("https://chat.example.com",))
-    async with running_server(config) as server:
+    async with running_server(config, transport=transport) as server:
         for origin in ("https://evil.example", "https://chat.example.com.evil.example", "http://chat.example.com"):
             status, body = await refused_handshake(server.port, "/ws?token=alice", Origin=origin)
             assert status == 403
@@ -183,16 +101,16 @@ async def test_an_origin_not_allowed_is_refused_before_the_upgrade() -> None:
         assert server.app.counters.refused == 3
 
 
-async def test_a_cookie_without_an_origin_is_refused() -> None:
-    async with running_server() as server:
+async def test_a_cookie_without_an_origin_is_refused(transport: str) -> None:
+    async with running_server(transport=transport) as server:
         status, body = await refused_handshake(server.port, "/ws", Cookie="sessionid=alice")
         assert status == 403
         assert body["close_code"] == 1008
 
 
-async def test_an_invalid_token_is_closed_with_4001_when_auth_is_configured() -> None:
+async def test_an_invalid_token_is_closed_with_4001_when_auth_is_configured(transport: str) -> None:
     config = make_config(auth=AuthConfig(jwt_secret=SECRET))
-    async with running_server(config) as server:
+    async with running_server(config, transport=transport) as server:
         async with open_websocket_url(server.ws_url("token=not-a-jwt")) as ws:
             assert await closed_with(ws) == CloseCode.UNAUTHENTICATED == 4001
         forged = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, "x" * 32, algorithm="HS256")
@@ -202,9 +120,9 @@ async def test_an_invalid_token_is_closed_with_4001_when_auth_is_configured() ->
         assert server.app.hub.connections.statistics().connected == 0  # no actor was allocated
 
 
-async def test_no_token_must_authenticate_in_band_within_the_timeout() -> None:
+async def test_no_token_must_authenticate_in_band_within_the_timeout(transport: str) -> None:
     config = make_config(auth=AuthConfig(jwt_secret=SECRET, auth_timeout=0.3))
-    async with running_server(config) as server:
+    async with running_server(config, transport=transport) as server:
         async with open_websocket_url(server.ws_url()) as ws:
             welcome = await receive_json(ws)
             assert welcome["user_id"] is None
@@ -218,10 +136,10 @@ async def test_no_token_must_authenticate_in_band_within_the_timeout() -> None:
             assert (await request(ws, 2, type="ping"))["type"] == "pong"
 
 
-async def test_a_jwt_in_the_subprotocol_is_accepted_and_the_plain_subprotocol_echoed() -> None:
+async def test_a_jwt_in_the_subprotocol_is_accepted_and_the_plain_subprotocol_echoed(transport: str) -> None:
     config = make_config(auth=AuthConfig(jwt_secret=SECRET))
     async with (
-        running_server(config) as server,
+        running_server(config, transport=transport) as server,
         open_websocket_url(server.ws_url(), subprotocols=["ensemble", f"ensemble.token.{token('dave')}"]) as ws,
     ):
         assert ws.subprotocol == "ensemble"
@@ -230,17 +148,17 @@ async def test_a_jwt_in_the_subprotocol_is_accepted_and_the_plain_subprotocol_ec
         assert welcome["guest"] is False
 
 
-async def test_too_many_connections_are_closed_with_1013() -> None:
+async def test_too_many_connections_are_closed_with_1013(transport: str) -> None:
     config = make_config(limits=LimitsConfig(max_connections=1, max_connections_per_user=None))
-    async with running_server(config) as server, open_websocket_url(server.ws_url("token=alice")) as first:
+    async with running_server(config, transport=transport) as server, open_websocket_url(server.ws_url("token=alice")) as first:
         await receive_json(first)
         async with open_websocket_url(server.ws_url("token=bob")) as second:
             assert await closed_with(second) == CloseCode.TRY_AGAIN_LATER == 1013
 
 
-async def test_too_many_connections_of_one_user_are_closed_with_1013() -> None:
+async def test_too_many_connections_of_one_user_are_closed_with_1013(transport: str) -> None:
     config = make_config(limits=LimitsConfig(max_connections_per_user=1))
-    async with running_server(config) as server, open_websocket_url(server.ws_url("token=alice")) as first:
+    async with running_server(config, transport=transport) as server, open_websocket_url(server.ws_url("token=alice")) as first:
         await receive_json(first)
         async with open_websocket_url(server.ws_url("token=alice")) as second:
             assert await closed_with(second) == 1013
@@ -248,25 +166,25 @@ async def test_too_many_connections_of_one_user_are_closed_with_1013() -> None:
             assert (await receive_json(other))["type"] == "welcome"
 
 
-async def test_an_oversized_frame_is_closed_with_1009() -> None:
+async def test_an_oversized_frame_is_closed_with_1009(transport: str) -> None:
     config = make_config(limits=LimitsConfig(max_message_size=1024))
-    async with running_server(config) as server, open_websocket_url(server.ws_url("token=alice")) as ws:
+    async with running_server(config, transport=transport) as server, open_websocket_url(server.ws_url("token=alice")) as ws:
         await receive_json(ws)
         await ws.send_message(json.dumps({"type": "ping", "pad": "x" * 2048}))
         assert await closed_with(ws) == CloseCode.MESSAGE_TOO_BIG == 1009
 
 
-async def test_a_binary_frame_is_closed_with_1003() -> None:
-    async with running_server() as server, open_websocket_url(server.ws_url("token=alice")) as ws:
+async def test_a_binary_frame_is_closed_with_1003(transport: str) -> None:
+    async with running_server(transport=transport) as server, open_websocket_url(server.ws_url("token=alice")) as ws:
         await receive_json(ws)
         await ws.send_message(b'{"type":"ping"}')
         assert await closed_with(ws) == CloseCode.UNSUPPORTED_DATA == 1003
         assert server.app.counters.protocol_errors == 1
 
 
-async def test_malformed_frames_get_error_replies_and_others_are_unaffected() -> None:
+async def test_malformed_frames_get_error_replies_and_others_are_unaffected(transport: str) -> None:
     async with (
-        running_server() as server,
+        running_server(transport=transport) as server,
         open_websocket_url(server.ws_url("token=alice")) as alice,
         open_websocket_url(server.ws_url("token=bob")) as bob,
     ):
@@ -286,9 +204,9 @@ async def test_malformed_frames_get_error_replies_and_others_are_unaffected() ->
         assert (await request(bob, 2, type="ping"))["type"] == "pong"
 
 
-async def test_shutdown_closes_clients_with_1001_and_stops_accepting() -> None:
+async def test_shutdown_closes_clients_with_1001_and_stops_accepting(transport: str) -> None:
     codes: list[int] = []
-    async with running_server() as server:
+    async with running_server(transport=transport) as server:
         async with open_websocket_url(server.ws_url("token=alice")) as alice, open_websocket_url(server.ws_url("token=bob")) as bob:
             await receive_json(alice)
             await receive_json(bob)
@@ -300,8 +218,8 @@ async def test_shutdown_closes_clients_with_1001_and_stops_accepting() -> None:
     assert server.app.hub is None  # the lifespan ended: the actors stopped
 
 
-async def test_the_server_closing_a_connection_ends_its_task() -> None:
-    async with running_server() as server, open_websocket_url(server.ws_url("token=alice")) as ws:
+async def test_the_server_closing_a_connection_ends_its_task(transport: str) -> None:
+    async with running_server(transport=transport) as server, open_websocket_url(server.ws_url("token=alice")) as ws:
         welcome = await receive_json(ws)
         app = server.app
         assert app.handler is not None
@@ -387,85 +305,12 @@ async def _serve_any(
         task_status.started(Listening.from_urls(bound))
 
 
-# -- a tiny HTTP client ------------------------------------------------------------------------
-
-
-async def http_request(
-    port: int,
-    method: str,
-    path: str,
-    *,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request (``Connection: close``): status, headers, body."""
-    headers = dict(headers or {})
-    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Connection: {headers.pop('Connection', 'close')}"]
-    for name, value in headers.items():
-        lines.append(f"{name}: {value}")
-    if body is not None:
-        lines.append(f"Content-Length: {len(body)}")
-    raw = ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
-    with trio.fail_after(DEADLINE):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            with contextlib.suppress(trio.BrokenResourceError):  # an early answer (413): read it
-                await stream.send_all(raw)
-            chunks = []
-            while chunk := await stream.receive_some(65536):
-                chunks.append(chunk)
-    response = b"".join(chunks)
-    head, _, payload = response.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    parsed = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        parsed[name.strip().lower()] = value.strip()
-    if parsed.get("transfer-encoding") == "chunked":
-        payload = _dechunk(payload)
-    return int(status_line.split()[1]), parsed, payload
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = []
-    while data:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out.append(data[:size])
-        data = data[size + 2 :]
-    return b"".join(out)
-
-
-async def refused_handshake(port: int, path: str, **headers: str) -> tuple[int, dict[str, Any]]:
-    """Try a WebSocket upgrade that the server refuses: its status and JSON body.
-
-    (trio-websocket leaks its socket on a refused handshake, so this speaks
-    HTTP itself.)
-    """
-    handshake = {
-        "Upgrade": "websocket",
-        "Connection": "Upgrade, close",
-        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version": "13",
-        **{name.replace("_", "-"): value for name, value in headers.items()},
-    }
-    status, _, body = await http_request(port, "GET", path, headers=handshake)
-    return status, json.loads(body) if body else {}
-
-
-async def http_get(port: int, path: str) -> tuple[int, bytes]:
-    status, _, body = await http_request(port, "GET", path)
-    return status, body
-
-
-async def test_a_client_that_stops_reading_is_closed_as_a_slow_consumer() -> None:
+async def test_a_client_that_stops_reading_is_closed_as_a_slow_consumer(transport: str) -> None:
     """The relay at work: the connection's actor is not stuck behind hypercorn's
     shielded socket write, so its outbox overflow closes it (4008), its presence
     ends, and other clients are unaffected."""
     config = make_config(hub__outbox_max_events=20)
-    async with running_server(config) as server, open_websocket_url(server.ws_url("token=bob")) as bob:
+    async with running_server(config, transport=transport) as server, open_websocket_url(server.ws_url("token=bob")) as bob:
         await receive_json(bob)
         hub = server.app.hub
         assert hub is not None

@@ -14,7 +14,7 @@ import os
 
 import pytest
 from _browser import Page, chromium_path, open_browser
-from test_asgi_server import running_server
+from _sockets import running_server
 
 BROWSER = chromium_path()
 

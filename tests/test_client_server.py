@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import trio
-from test_asgi_server import SECRET, make_config, running_server, token
+from _sockets import SECRET, make_config, running_server, token
 
 from ensemble.client import Backoff, Closed, ServerError, open_client
 from ensemble.protocol import CloseCode
@@ -25,9 +25,9 @@ async def next_message(events: trio.MemoryReceiveChannel[dict[str, Any]], conten
     raise AssertionError(f"the events ended before the message {content!r}")
 
 
-async def test_chat_and_a_dropped_client_resumes_without_loss() -> None:
+async def test_chat_and_a_dropped_client_resumes_without_loss(transport: str) -> None:
     config = make_config(auth=AuthConfig(jwt_secret=SECRET))
-    async with running_server(config) as server:
+    async with running_server(config, transport=transport) as server:
         url = server.ws_url()
         async with (
             open_client(url, token=lambda: token("alice"), backoff=FAST) as alice,
@@ -57,18 +57,18 @@ async def test_chat_and_a_dropped_client_resumes_without_loss() -> None:
             await next_message(bob.events(), "live again")
 
 
-async def test_a_bad_token_is_terminal() -> None:
+async def test_a_bad_token_is_terminal(transport: str) -> None:
     config = make_config(auth=AuthConfig(jwt_secret=SECRET))
-    async with running_server(config) as server:
+    async with running_server(config, transport=transport) as server:
         with trio.fail_after(10), pytest.raises(Closed) as closed:
             async with open_client(server.ws_url(), token="not-a-jwt", backoff=FAST):
                 pass  # pragma: no cover
         assert closed.value.code == int(CloseCode.UNAUTHENTICATED)
 
 
-async def test_a_batching_client_gets_every_event() -> None:
+async def test_a_batching_client_gets_every_event(transport: str) -> None:
     config = make_config(auth=AuthConfig(jwt_secret=SECRET))
-    async with running_server(config) as server:
+    async with running_server(config, transport=transport) as server:
         url = server.ws_url()
         async with (
             open_client(url, token=token("alice"), backoff=FAST) as alice,

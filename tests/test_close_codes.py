@@ -12,7 +12,7 @@ import time
 
 import jwt
 import trio
-from test_asgi_server import SECRET, closed_with, make_config, open_websocket_url, receive_json, request, running_server, token
+from _sockets import SECRET, closed_with, make_config, open_websocket_url, receive_json, request, running_server, token
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request
 
@@ -56,11 +56,11 @@ def _frame(opcode: int, payload: bytes, *, masked: bool = True) -> bytes:
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
-async def _broken_frame_ends_only_that_connection(frame: bytes) -> None:
+async def _broken_frame_ends_only_that_connection(frame: bytes, transport: str) -> None:
     """hypercorn (wsproto) rejects WebSocket-level violations before the app
     sees them, and drops the TCP connection (the client sees 1006, not 1007
     or 1002: docs/protocol.md, "Close codes"). Nothing else is affected."""
-    async with running_server() as server, open_websocket_url(server.ws_url("token=bob")) as bob:
+    async with running_server(transport=transport) as server, open_websocket_url(server.ws_url("token=bob")) as bob:
         await receive_json(bob)
         stream, ws = await _handshake(server.port, "/ws?token=alice")
         try:
@@ -74,16 +74,16 @@ async def _broken_frame_ends_only_that_connection(frame: bytes) -> None:
                 await trio.sleep(0.01)  # alice's connection is cleaned up
 
 
-async def test_invalid_utf8_ends_only_that_connection() -> None:
-    await _broken_frame_ends_only_that_connection(_frame(0x1, b'{"type":"ping","x":"\xff\xfe"}'))
+async def test_invalid_utf8_ends_only_that_connection(transport: str) -> None:
+    await _broken_frame_ends_only_that_connection(_frame(0x1, b'{"type":"ping","x":"\xff\xfe"}'), transport)
 
 
-async def test_an_unmasked_client_frame_ends_only_that_connection() -> None:
-    await _broken_frame_ends_only_that_connection(_frame(0x1, b'{"type":"ping"}', masked=False))
+async def test_an_unmasked_client_frame_ends_only_that_connection(transport: str) -> None:
+    await _broken_frame_ends_only_that_connection(_frame(0x1, b'{"type":"ping"}', masked=False), transport)
 
 
-async def test_garbage_after_error_replies_is_closed_with_4004() -> None:
-    async with running_server() as server, open_websocket_url(server.ws_url("token=alice")) as alice:
+async def test_garbage_after_error_replies_is_closed_with_4004(transport: str) -> None:
+    async with running_server(transport=transport) as server, open_websocket_url(server.ws_url("token=alice")) as alice:
         await receive_json(alice)
         for _ in range(20):
             if alice.closed is not None:
@@ -95,9 +95,9 @@ async def test_garbage_after_error_replies_is_closed_with_4004() -> None:
         assert await closed_with(alice) == CloseCode.PROTOCOL_VIOLATION == 4004
 
 
-async def test_flooding_is_answered_with_errors_then_closed_with_4029() -> None:
+async def test_flooding_is_answered_with_errors_then_closed_with_4029(transport: str) -> None:
     config = make_config(hub=HubConfig(rate_limit=WSRateLimitConfig(messages_per_second=2, messages_per_minute=100, burst_size=2)))
-    async with running_server(config) as server, open_websocket_url(server.ws_url("token=alice")) as alice:
+    async with running_server(config, transport=transport) as server, open_websocket_url(server.ws_url("token=alice")) as alice:
         await receive_json(alice)
         assert (await request(alice, 1, type="ping"))["type"] == "pong"
         assert (await request(alice, 2, type="ping"))["type"] == "pong"
@@ -110,10 +110,10 @@ async def test_flooding_is_answered_with_errors_then_closed_with_4029() -> None:
         assert await closed_with(alice) == CloseCode.RATE_LIMITED == 4029
 
 
-async def test_an_expired_token_is_closed_with_4002() -> None:
+async def test_an_expired_token_is_closed_with_4002(transport: str) -> None:
     config = make_config(auth=AuthConfig(jwt_secret=SECRET), heartbeat__interval=0.2, heartbeat__timeout=5.0)
     short = jwt.encode({"sub": "alice", "exp": int(time.time()) + 2}, SECRET, algorithm="HS256")
-    async with running_server(config) as server, open_websocket_url(server.ws_url(f"token={short}")) as alice:
+    async with running_server(config, transport=transport) as server, open_websocket_url(server.ws_url(f"token={short}")) as alice:
         welcome = await receive_json(alice)
         assert welcome["user_id"] == "alice"
         # Refreshing with a longer token keeps the connection open past the first expiry.
@@ -124,7 +124,7 @@ async def test_an_expired_token_is_closed_with_4002() -> None:
         assert (await request(alice, 2, type="ping"))["type"] == "pong"
 
     short = jwt.encode({"sub": "bob", "exp": int(time.time()) + 2}, SECRET, algorithm="HS256")
-    async with running_server(config) as server, open_websocket_url(server.ws_url(f"token={short}")) as bob:
+    async with running_server(config, transport=transport) as server, open_websocket_url(server.ws_url(f"token={short}")) as bob:
         await receive_json(bob)
         assert await closed_with(bob) == CloseCode.TOKEN_EXPIRED == 4002  # not refreshed in time
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from test_asgi_server import closed_with, make_config, open_websocket_url, receive_json, receive_until, request, running_server
+from _sockets import closed_with, make_config, open_websocket_url, receive_json, receive_until, request, running_server
 
 from ensemble.protocol import CloseCode
 from ensemble.realtime import OutboxStatistics
@@ -144,10 +144,10 @@ async def test_a_close_in_progress_is_not_started_twice(autojump_clock: trio.tes
 # -- over a real socket ---------------------------------------------------------------------
 
 
-async def test_a_client_that_never_answers_pings_is_closed_with_4009_and_its_presence_ends() -> None:
+async def test_a_client_that_never_answers_pings_is_closed_with_4009_and_its_presence_ends(transport: str) -> None:
     config = make_config(heartbeat=HeartbeatConfig(interval=0.2, timeout=0.3))
     async with (
-        running_server(config) as server,
+        running_server(config, transport=transport) as server,
         open_websocket_url(server.ws_url("token=alice")) as alice,
         open_websocket_url(server.ws_url("token=bob")) as bob,
     ):
@@ -180,9 +180,9 @@ async def test_a_client_that_never_answers_pings_is_closed_with_4009_and_its_pre
         assert server.app.heartbeat.statistics().timed_out == 1
 
 
-async def test_a_ping_frame_reaches_a_silent_client() -> None:
+async def test_a_ping_frame_reaches_a_silent_client(transport: str) -> None:
     config = make_config(heartbeat=HeartbeatConfig(interval=0.2, timeout=5.0))
-    async with running_server(config) as server, open_websocket_url(server.ws_url("token=alice")) as ws:
+    async with running_server(config, transport=transport) as server, open_websocket_url(server.ws_url("token=alice")) as ws:
         await receive_json(ws)
         frame: dict[str, Any] = await receive_until(ws, lambda frame: frame["type"] == "ping")
         assert frame == {"type": "ping"}

@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from test_asgi_server import closed_with, http_request, make_config, open_websocket_url, receive_json, request, running_server
+from _sockets import closed_with, http_request, make_config, open_websocket_url, receive_json, request, running_server
 
 from ensemble.protocol import CloseCode
 

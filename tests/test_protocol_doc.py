@@ -27,15 +27,16 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import trio
 import trio.testing
 
-from ensemble import HubConfig, MemoryTransport, open_hub
+from ensemble import Hub, HubConfig, MemoryTransport, open_hub
 from ensemble.realtime import RoomConfig
 from ensemble.server import Identity, ProtocolHandler
 
@@ -133,80 +134,139 @@ def split(frame: bytes) -> Iterator[Any]:
         yield json.loads(line)
 
 
-async def run_session(lines: list[str], *, first_line: int, record: bool = False) -> list[str]:
+class Clients(Protocol):
+    """How a session's clients reach a server: in memory here, over sockets in
+    tests/test_protocol_sockets.py."""
+
+    @property
+    def hub(self) -> Hub:
+        """The server's hub (``!`` lines run against it)."""
+        ...
+
+    async def open(self, name: str, token: str | None) -> None:
+        """Connect client ``name`` presenting ``token`` (None: no credential)."""
+
+    async def send(self, name: str, frame: str) -> None:
+        """Send one text frame from client ``name``."""
+
+    def received(self, name: str) -> list[Any]:
+        """Every frame client ``name`` received so far (batches split)."""
+        ...
+
+    async def settle(self, ready: Callable[[], bool]) -> None:
+        """Wait until the server has done everything the last frame caused
+        (``ready()`` says when every expected frame is there)."""
+
+
+class MemoryClients:
+    """Clients on :class:`MemoryTransport`: the handler opens them directly
+    with the identity their token stands for; time is virtual."""
+
+    def __init__(self, hub: Hub, handler: ProtocolHandler) -> None:
+        self.hub = hub
+        self.handler = handler
+        self.transports: dict[str, MemoryTransport] = {}
+        self.ids: dict[str, str] = {}
+
+    async def open(self, name: str, token: str | None) -> None:
+        identity = await Tokens().authenticate(token) if token is not None else None
+        transport = self.transports[name] = MemoryTransport()
+        self.ids[name] = (await self.handler.open(transport, identity)).connection_id
+
+    async def send(self, name: str, frame: str) -> None:
+        await self.handler.frame(self.ids[name], frame)
+
+    def received(self, name: str) -> list[Any]:
+        return [f for frame in self.transports[name].sent for f in split(frame)]
+
+    async def settle(self, ready: Callable[[], bool]) -> None:
+        await trio.sleep(0.5)
+
+
+HUB_CONFIG = HubConfig(room=RoomConfig(history_size=3))
+"""The hub the sessions run against (3 messages of history)."""
+MAX_ROOMS = 2
+WATCHABLE = ("Order",)
+
+
+@asynccontextmanager
+async def memory_clients() -> AsyncIterator[MemoryClients]:
+    async with open_hub(HUB_CONFIG) as hub:
+        handler = ProtocolHandler(hub, authenticator=Tokens(), max_rooms_per_connection=MAX_ROOMS, watchable_models=WATCHABLE).install()
+        yield MemoryClients(hub, handler)
+
+
+def token_of(name: str) -> str | None:
+    """The token client ``name`` presents (``alice.phone`` is another device of ``alice``)."""
+    user = name.split(".")[0]
+    return None if user == "anonymous" else f"token-{user}"
+
+
+async def run_session(lines: list[str], *, first_line: int, clients: Clients, record: bool = False) -> list[str]:
     normaliser = Normaliser()
     out: list[str] = []
-    config = HubConfig(room=RoomConfig(history_size=3))
-    async with open_hub(config) as hub:
-        handler = ProtocolHandler(hub, authenticator=Tokens(), max_rooms_per_connection=2, watchable_models=["Order"]).install()
-        transports: dict[str, MemoryTransport] = {}
-        ids: dict[str, str] = {}
-        read: dict[str, int] = {}
-        shows_welcome = {m["name"] for line in lines if (m := LINE.match(line)) and m["dir"] == "<" and '"type":"welcome"' in line}
-        expected: dict[str, list[tuple[int, Any]]] = {}
+    read: dict[str, int] = {}
+    shows_welcome = {m["name"] for line in lines if (m := LINE.match(line)) and m["dir"] == "<" and '"type":"welcome"' in line}
+    expected: dict[str, list[tuple[int, Any]]] = {}
 
-        async def client(name: str) -> str:
-            if name not in ids:
-                transport = transports[name] = MemoryTransport()
-                user = name.split(".")[0]  # alice.phone: another device of alice
-                identity = None if user == "anonymous" else Identity(user_id=user, expires_at=1900000000.0)
-                info = await handler.open(transport, identity)
-                ids[name] = info.connection_id
-                read[name] = 0
-            return ids[name]
+    def new_frames(name: str) -> list[Any]:
+        got = clients.received(name)[read[name] :]
+        return got if name in shows_welcome else [f for f in got if f.get("type") != "welcome"]
 
-        async def settle_and_check() -> None:
-            await trio.sleep(0.5)
-            for name, transport in transports.items():
-                frames = [f for frame in transport.sent for f in split(frame)]
-                got = frames[read[name] :]
-                read[name] = len(frames)
-                if name not in shows_welcome:
-                    got = [f for f in got if f.get("type") != "welcome"]
-                want = expected.pop(name, [])
-                if record:
-                    out.extend(f"{name}< {json.dumps(normaliser.show(f), separators=(',', ':'), ensure_ascii=False)}" for f in got)
-                    continue
-                if len(got) != len(want) or not all(normaliser.match(w, g) for (_, w), g in zip(want, got, strict=False)):
-                    shown = "\n".join(json.dumps(g, ensure_ascii=False) for g in got)
-                    where = ", ".join(str(number) for number, _ in want) or "none"
-                    raise AssertionError(f"{DOC.name}: {name} received (expected lines {where}):\n{shown}")
-            if expected and not record:
-                raise AssertionError(f"{DOC.name}: frames expected for clients that never connected: {sorted(expected)}")
+    def ready() -> bool:
+        return all(len(new_frames(name)) >= len(expected.get(name, ())) for name in read)
 
-        pending = False
-        for offset, line in enumerate(lines):
-            number = first_line + offset
-            if not line.strip() or line.startswith("#"):
-                continue
-            match = LINE.match(line)
-            assert match, f"{DOC.name}:{number}: not a session line: {line!r}"
-            if match["dir"] == "<":
-                if not record:
-                    expected.setdefault(match["name"], []).append((number, json.loads(line.split("< ", 1)[1])))
-                continue
-            if pending:
-                await settle_and_check()
+    async def settle_and_check() -> None:
+        await clients.settle(ready)
+        for name in read:
+            got = new_frames(name)
+            read[name] = len(clients.received(name))
+            want = expected.pop(name, [])
             if record:
-                out.append(line)
-            if match["code"] is not None:
-                await eval(
-                    compile(match["code"], f"{DOC.name}:{number}", "eval", flags=0x2000),
-                    {"hub": hub, "trio": trio, "RoomConfig": RoomConfig},
-                )
-            else:
-                name = match["name"]
-                await client(name)
-                frame = normaliser.substitute(match["json"])
-                await handler.frame(ids[name], frame)
-            pending = True
-        await settle_and_check()
+                out.extend(f"{name}< {json.dumps(normaliser.show(f), separators=(',', ':'), ensure_ascii=False)}" for f in got)
+                continue
+            if len(got) != len(want) or not all(normaliser.match(w, g) for (_, w), g in zip(want, got, strict=False)):
+                shown = "\n".join(json.dumps(g, ensure_ascii=False) for g in got)
+                where = ", ".join(str(number) for number, _ in want) or "none"
+                raise AssertionError(f"{DOC.name}: {name} received (expected lines {where}):\n{shown}")
+        if expected and not record:
+            raise AssertionError(f"{DOC.name}: frames expected for clients that never connected: {sorted(expected)}")
+
+    pending = False
+    for offset, line in enumerate(lines):
+        number = first_line + offset
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = LINE.match(line)
+        assert match, f"{DOC.name}:{number}: not a session line: {line!r}"
+        if match["dir"] == "<":
+            if not record:
+                expected.setdefault(match["name"], []).append((number, json.loads(line.split("< ", 1)[1])))
+            continue
+        if pending:
+            await settle_and_check()
+        if record:
+            out.append(line)
+        if match["code"] is not None:
+            await eval(
+                compile(match["code"], f"{DOC.name}:{number}", "eval", flags=0x2000),
+                {"hub": clients.hub, "trio": trio, "RoomConfig": RoomConfig},
+            )
+        else:
+            name = match["name"]
+            if name not in read:
+                await clients.open(name, token_of(name))
+                read[name] = 0
+            await clients.send(name, normaliser.substitute(match["json"]))
+        pending = True
+    await settle_and_check()
     return out
 
 
 @pytest.mark.parametrize(("first_line", "lines"), sessions(), ids=lambda v: f"line{v}" if isinstance(v, int) else "")
 async def test_session(first_line: int, lines: list[str], autojump_clock: trio.abc.Clock) -> None:
-    await run_session(lines, first_line=first_line)
+    async with memory_clients() as clients:
+        await run_session(lines, first_line=first_line, clients=clients)
 
 
 def test_the_doc_has_sessions_for_every_command() -> None:
@@ -220,7 +280,12 @@ def test_the_doc_has_sessions_for_every_command() -> None:
 def _record(first: int, lines: list[str]) -> None:
     print(f"--- line {first}")
     clock = trio.testing.MockClock(autojump_threshold=0)
-    print("\n".join(trio.run(lambda: run_session(lines, first_line=first, record=True), clock=clock)))
+
+    async def record() -> list[str]:
+        async with memory_clients() as clients:
+            return await run_session(lines, first_line=first, clients=clients, record=True)
+
+    print("\n".join(trio.run(record, clock=clock)))
 
 
 if __name__ == "__main__":  # print the sessions as they run now
