@@ -304,6 +304,11 @@ class LimitsConfig:
         max_handshake_bytes: Largest handshake request (request line and
             headers), in bytes.
         max_headers: Most headers in the handshake request.
+        write_timeout: Seconds the data written to a client may stay
+            unacknowledged (``TCP_USER_TIMEOUT`` on the listening socket,
+            inherited by each connection; Linux only) before the kernel
+            aborts the connection: a client that stops reading (a zero
+            receive window) cannot pin a connection task forever.
 
     Raises:
         ValueError: A value out of range.
@@ -317,6 +322,7 @@ class LimitsConfig:
     handshake_timeout: float = attrs.field(default=10.0, validator=_finite_positive)
     max_handshake_bytes: int = attrs.field(default=16384, validator=_int_at_least(256))
     max_headers: int = attrs.field(default=100, validator=_int_at_least(1))
+    write_timeout: float = attrs.field(default=30.0, validator=_finite_positive)
 
 
 @attrs.frozen(kw_only=True)

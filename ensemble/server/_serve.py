@@ -21,14 +21,16 @@ A second signal cancels whatever is left at once.
 from __future__ import annotations
 
 import logging
+import math
 import signal
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
-from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Config as HypercornConfig, Sockets
 
 from ._config import ServerConfig
 
@@ -42,6 +44,7 @@ MIN_BACKLOG: Final = 1024
 ACCESS_LOG_FORMAT: Final = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss'
 """Hypercorn's access log line: ``%(r)s`` is the path without the query
 string, so a ``?token=`` never reaches the log."""
+_MAX_USER_TIMEOUT_MS: Final = 2**31 - 1
 
 
 @attrs.frozen(kw_only=True)
@@ -66,6 +69,61 @@ class Listening:
         return cls(urls=tuple(urls), host=host.strip("[]"), port=int(port))
 
 
+def set_write_timeout(sock: socket.socket, seconds: float) -> bool:
+    """Set ``TCP_USER_TIMEOUT`` on a TCP socket: how long written data may stay
+    unacknowledged before the kernel aborts the connection.
+
+    On a listening socket it is inherited by every accepted connection
+    (Linux copies the listener's options into the new socket). It bounds the
+    retransmissions to a vanished peer and, on current Linux kernels, the
+    zero-window probes to a peer that stopped reading (its probes are ACKed,
+    so without it the kernel never gives up): the pending write then fails
+    (``ETIMEDOUT``) instead of waiting forever. It needs no keepalive
+    (hypercorn does not turn keepalive on), and an idle connection (nothing
+    in flight) is never affected.
+
+    Args:
+        sock: The socket (anything but an IPv4 or IPv6 stream socket is left
+            alone).
+        seconds: The timeout (rounded up to whole milliseconds).
+
+    Returns:
+        Whether the option was set (``False`` where the platform lacks it).
+    """
+    option: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        return False
+    if option is None:
+        logger.debug("TCP_USER_TIMEOUT is not available on this platform: limits.write_timeout is not applied")
+        return False
+    milliseconds = min(max(1, math.ceil(seconds * 1000)), _MAX_USER_TIMEOUT_MS)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, milliseconds)
+    except OSError as exc:
+        logger.debug("TCP_USER_TIMEOUT cannot be set here (%s): limits.write_timeout is not applied", exc)
+        return False
+    return True
+
+
+class _Config(HypercornConfig):
+    """Hypercorn's configuration, with ``TCP_USER_TIMEOUT`` on its listening sockets.
+
+    Attributes:
+        write_timeout: Seconds (``limits.write_timeout``), or ``None`` to
+            leave the sockets as hypercorn makes them.
+    """
+
+    write_timeout: float | None = None
+
+    def create_sockets(self) -> Sockets:
+        """Hypercorn's sockets, with the write timeout set on the TCP ones."""
+        sockets = super().create_sockets()
+        if self.write_timeout is not None:
+            for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+                set_write_timeout(sock, self.write_timeout)
+        return sockets
+
+
 def hypercorn_config(config: ServerConfig) -> HypercornConfig:
     """Hypercorn's configuration for an Ensemble server.
 
@@ -75,14 +133,21 @@ def hypercorn_config(config: ServerConfig) -> HypercornConfig:
     the largest WebSocket message (``websocket_max_message_size``: 1009
     beyond). WebSocket-level pings are off (the server's heartbeat pings in
     the protocol instead).
+
+    Hypercorn writes to a socket in a shielded cancel scope, so a client
+    that stops reading would hold its connection task forever once the
+    buffers are full: ``limits.write_timeout`` becomes ``TCP_USER_TIMEOUT``
+    on the listening sockets (:func:`set_write_timeout`), and the kernel
+    aborts such a connection, which ends the write and the task.
     """
-    hyper = HypercornConfig()
+    hyper = _Config()
     host = f"[{config.host}]" if ":" in config.host else config.host
     hyper.bind = [f"{host}:{config.port}"]
     limits = config.limits
     hyper.backlog = max(MIN_BACKLOG, min(limits.max_connections, 65535))
     hyper.websocket_max_message_size = limits.max_message_size
     hyper.h11_max_incomplete_size = limits.max_handshake_bytes
+    hyper.write_timeout = limits.write_timeout
     hyper.keep_alive_timeout = limits.handshake_timeout
     hyper.websocket_ping_interval = None
     hyper.graceful_timeout = config.shutdown_timeout / 4

@@ -60,6 +60,7 @@ from typing import Any, Final
 
 import attrs
 import trio
+from prometheus_client import Gauge
 
 from ..protocol import CloseCode
 from ..realtime import Hub, TooManyConnections, TransportClosed, open_hub
@@ -313,6 +314,10 @@ class EnsembleApp:
         hub: The running hub (``None`` outside the lifespan).
         handler: The protocol handler (``None`` outside the lifespan).
         heartbeat: The heartbeat sweeper (``None`` outside the lifespan).
+        websocket_calls: WebSocket ASGI calls in progress (refused ones
+            too, until they return); also the ``ensemble_websocket_calls``
+            gauge. Above the open connections for long: tasks stuck in
+            the server's writes.
     """
 
     def __init__(
@@ -335,7 +340,11 @@ class EnsembleApp:
         self._accepting = False
         self._running = False
         self._connections: set[str] = set()
+        self.websocket_calls = 0
         self.registry = create_registry(HubCollector(lambda: self.hub, self.counters, lambda: self.heartbeat))
+        Gauge("ensemble_websocket_calls", "WebSocket ASGI calls in progress.", registry=self.registry).set_function(
+            lambda: self.websocket_calls
+        )
         self.http = HttpApi(
             lambda: self.hub,
             api_keys=self.config.api_keys,
@@ -452,7 +461,11 @@ class EnsembleApp:
             return
         path = _app_path(scope)
         if kind == "websocket" and path == WS_PATH:
-            await self._websocket(scope, receive, send)
+            self.websocket_calls += 1
+            try:
+                await self._websocket(scope, receive, send)
+            finally:
+                self.websocket_calls -= 1
         elif kind == "http" and self.http.handles(path):
             await self.http(scope, receive, send, path)
         elif kind == "http" and path in STATIC_FILES and self.serve_static:
