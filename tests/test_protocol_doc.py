@@ -250,7 +250,7 @@ async def run_session(lines: list[str], *, first_line: int, clients: Clients, re
         if match["code"] is not None:
             await eval(
                 compile(match["code"], f"{DOC.name}:{number}", "eval", flags=0x2000),
-                {"hub": clients.hub, "trio": trio, "RoomConfig": RoomConfig},
+                {"hub": clients.hub, "trio": trio, "RoomConfig": RoomConfig, "faults": __import__("_doc_faults")},
             )
         else:
             name = match["name"]
@@ -275,6 +275,24 @@ def test_the_doc_has_sessions_for_every_command() -> None:
     text = "\n".join(line for _, lines in sessions() for line in lines)
     missing = [kind for kind in COMMAND_TYPES if f'"type":"{kind}"' not in text]
     assert not missing, f"no example session sends {missing}"
+
+
+def test_the_doc_has_sessions_for_every_event() -> None:
+    """Every event type of the ``## Events`` table (``welcome`` included: the
+    first session shows it) is received in some session."""
+    text = DOC.read_text(encoding="utf-8")
+    section = text.split("\n## Events\n", 1)[1].split("\n## ", 1)[0]
+    rows = section.split("\n| --- |", 1)[1]  # below the header row
+    events = re.findall(r"^\| `([a-z_]+)` \|", rows, flags=re.MULTILINE)
+    assert len(events) > 10, f"could not read the events table: {events}"
+    received = {
+        json.loads(match["json"])["type"]
+        for _, lines in sessions()
+        for line in lines
+        if (match := LINE.match(line)) and match["dir"] == "<"
+    }
+    missing = [kind for kind in events if kind not in received]
+    assert not missing, f"no example session receives {missing}"
 
 
 def _record(first: int, lines: list[str]) -> None:
