@@ -790,3 +790,201 @@ async def test_send_frame_nowait_writes_the_bytes_in_order(supervisor: Superviso
     assert transport.sent[1] == b'{"type":"reply","ref":7}'
     assert [frame.get("type") for frame in transport.frames] == ["data", "reply", "data"]
     assert not manager.send_frame_nowait("nope", b"{}")
+
+
+# -- authenticating a connection in place ----------------------------------------
+
+
+class Wiring:
+    """Records ``on_authenticated`` calls (and can be made to fail)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[ConnectionInfo, Any]] = []
+        self.written_before: list[int] = []  # frames written when it ran
+        self.transport: MemoryTransport | None = None
+        self.error: BaseException | None = None
+
+    async def __call__(self, info: ConnectionInfo, context: Any) -> None:
+        await trio.lowlevel.checkpoint()
+        self.calls.append((info, context))
+        if self.transport is not None:
+            self.written_before.append(len(self.transport.sent))
+        if self.error is not None:
+            raise self.error
+
+
+async def test_authenticate_keeps_the_connection_and_makes_it_the_users(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    wiring = Wiring()
+    manager = make_manager(supervisor, recorder, on_authenticated=wiring)
+    transport = MemoryTransport()
+    anon = await manager.connect(transport, metadata={"device": "phone"})
+    manager.add_room(anon.connection_id, "lobby")
+    ref = manager.connection_ref(anon.connection_id)
+    assert manager.room_stats()["lobby"].users == 0
+    assert recorder.online == []
+
+    info = await manager.authenticate(anon.connection_id, "alice", context="ctx")
+    assert info.connection_id == anon.connection_id
+    assert (info.user_id, info.connected_at, info.metadata, info.rooms) == (
+        "alice",
+        anon.connected_at,
+        {"device": "phone"},
+        frozenset({"lobby"}),
+    )
+    assert manager.get_connection(anon.connection_id) == info
+    assert manager.connection_ref(anon.connection_id) is ref  # the same actor
+    subscriber = manager.get_subscriber(anon.connection_id)
+    assert subscriber is not None
+    assert subscriber.user_id == "alice"  # the same outbox, now the user's
+    assert [c.connection_id for c in manager.get_user_connections("alice")] == [anon.connection_id]
+    assert manager.is_online("alice")
+    assert recorder.online == ["alice"]  # online exactly as on connect
+    assert [c.connection_id for c in recorder.connected] == [anon.connection_id]  # on_connect ran once, at connect
+    assert [(c.user_id, context) for c, context in wiring.calls] == [("alice", "ctx")]
+    assert manager.room_stats()["lobby"].users == 1
+    assert manager.statistics().users == 1
+    assert manager.statistics().connected == 1
+
+    assert await manager.send_to_user("alice", {"hi": 1}) == 1
+    await settle()
+    assert [event["data"] for event in transport.events] == [{"hi": 1}]  # the same transport
+
+    laptop = await manager.connect(MemoryTransport())
+    await manager.authenticate(laptop.connection_id, "alice")
+    assert recorder.online == ["alice"]  # the second device changes nothing
+    await manager.disconnect(laptop.connection_id)
+    await manager.disconnect(anon.connection_id)
+    assert recorder.offline == ["alice"]
+    assert recorder.disconnected[-1].user_id == "alice"
+    assert not manager.is_online("alice")
+
+
+async def test_authenticate_over_the_per_user_limit_leaves_the_connection_anonymous(
+    supervisor: Supervisor, autojump_clock: trio.abc.Clock
+) -> None:
+    recorder = Recorder()
+    wiring = Wiring()
+    manager = make_manager(supervisor, recorder, on_authenticated=wiring, max_connections_per_user=1)
+    await manager.connect(MemoryTransport(), user_id="alice")
+    transport = MemoryTransport()
+    anon = await manager.connect(transport)
+    with pytest.raises(TooManyConnections, match="max_connections_per_user") as refused:
+        await manager.authenticate(anon.connection_id, "alice")
+    assert isinstance(refused.value, ConnectionError)
+    assert manager.get_connection(anon.connection_id) == anon  # unchanged: open, anonymous
+    subscriber = manager.get_subscriber(anon.connection_id)
+    assert subscriber is not None
+    assert subscriber.user_id is None
+    assert len(manager.get_user_connections("alice")) == 1
+    assert wiring.calls == []
+    assert recorder.online == ["alice"]
+    assert not transport.closed
+    info = await manager.authenticate(anon.connection_id, "bob")  # another user still may
+    assert info.user_id == "bob"
+
+
+async def test_authenticate_refusals(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    wiring = Wiring()
+    manager = make_manager(supervisor, recorder, on_authenticated=wiring)
+    alice = await manager.connect(MemoryTransport(), user_id="alice")
+    # The same user: a no-op returning the connection as it is.
+    assert await manager.authenticate(alice.connection_id, "alice") == alice
+    assert wiring.calls == []
+    assert recorder.online == ["alice"]
+    # Another user: a connection's user never changes.
+    with pytest.raises(ValueError, match="another user"):
+        await manager.authenticate(alice.connection_id, "mallory")
+    assert manager.get_connection(alice.connection_id) == alice
+    assert manager.get_user_connections("mallory") == []
+    anon = await manager.connect(MemoryTransport())
+    with pytest.raises(ValueError, match="non-empty string"):
+        await manager.authenticate(anon.connection_id, "")
+    # Unknown or closed connections: NotFound, as receive raises.
+    with pytest.raises(NotFound):
+        await manager.authenticate("nope", "alice")
+    await manager.disconnect(anon.connection_id)
+    with pytest.raises(NotFound):
+        await manager.authenticate(anon.connection_id, "alice")
+    assert wiring.calls == []
+
+
+async def test_a_handler_may_authenticate_its_own_connection(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    wiring = Wiring()
+    manager = make_manager(supervisor, recorder, on_authenticated=wiring)
+    transport = MemoryTransport()
+    wiring.transport = transport
+    seen: list[tuple[str | None, Any]] = []
+
+    async def on_message(info: ConnectionInfo, data: Any) -> Any:
+        seen.append((info.user_id, data))
+        if data == "whoami":
+            return info.user_id
+        await manager.send_to_connection(info.connection_id, {"before": "auth"})
+        authenticated = await manager.authenticate(info.connection_id, data)
+        await manager.send_to_connection(info.connection_id, {"after": "auth"})
+        return authenticated
+
+    manager.on_message = on_message
+    anon = await manager.connect(transport)
+    assert await manager.receive(anon.connection_id, "whoami") is None
+    with trio.fail_after(1):  # not a wait for itself
+        info = await manager.receive(anon.connection_id, "alice")
+    assert (info.connection_id, info.user_id) == (anon.connection_id, "alice")
+    assert await manager.receive(anon.connection_id, "whoami") == "alice"
+    assert recorder.online == ["alice"]
+    await settle()
+    assert wiring.written_before == [1]  # what was queued while anonymous was written first
+    assert [event["data"] for event in transport.events] == [{"before": "auth"}, {"after": "auth"}]
+    assert seen == [(None, "whoami"), (None, "alice"), ("alice", "whoami")]
+    with pytest.raises(ValueError, match="another user"):  # the handler's error is receive's answer
+        await manager.receive(anon.connection_id, "mallory")
+    assert manager.get_connection(anon.connection_id) is not None
+
+
+async def test_authenticate_is_in_order_with_the_connections_messages(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor)
+    seen: list[str | None] = []
+
+    async def on_message(info: ConnectionInfo, data: Any) -> Any:
+        await trio.sleep(1)  # slow: authenticate waits for it, in the actor's mailbox
+        seen.append(info.user_id)
+
+    manager.on_message = on_message
+    anon = await manager.connect(MemoryTransport())
+    authenticated: list[ConnectionInfo] = []
+
+    async def authenticate() -> None:
+        authenticated.append(await manager.authenticate(anon.connection_id, "alice"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(manager.receive, anon.connection_id, "first")
+        await settle()
+        nursery.start_soon(authenticate)
+        await settle()
+        nursery.start_soon(manager.receive, anon.connection_id, "second")
+        await settle()
+        assert authenticated == []  # queued behind "first"
+    assert seen == [None, "alice"]
+    assert authenticated[0].user_id == "alice"
+    assert trio.current_time() == pytest.approx(2.0)
+
+
+async def test_a_failed_authentication_wiring_closes_the_connection(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    recorder = Recorder()
+    wiring = Wiring()
+    wiring.error = RuntimeError("mailbox down")
+    manager = make_manager(supervisor, recorder, on_authenticated=wiring)
+    transport = MemoryTransport()
+    anon = await manager.connect(transport)
+    with pytest.raises(RuntimeError, match="mailbox down"):
+        await manager.authenticate(anon.connection_id, "alice")
+    assert (transport.close_code, transport.close_reason) == (CLOSE_INTERNAL_ERROR, "internal error")
+    assert manager.get_connection(anon.connection_id) is None
+    assert not manager.is_online("alice")
+    assert recorder.online == recorder.offline == []  # never announced online
+    assert recorder.disconnect_counts() == {anon.connection_id: 1}
+    await settle()
+    assert manager.supervisor.which_children() == []

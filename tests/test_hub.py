@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from ensemble.realtime._connections import MemoryTransport
-from ensemble.realtime._errors import Banned, NotAMember
+from ensemble.realtime._errors import Banned, NotAMember, NotFound, TooManyConnections
 from ensemble.realtime._hub import Hub, HubConfig, open_hub
 from ensemble.realtime._models import ConnectionInfo, RoomConfig
 from ensemble.realtime._room import SubscriberRegistry
@@ -545,3 +545,96 @@ async def test_room_config_given_to_a_running_room_is_applied_and_stored(autojum
         assert hub._room_configs == {}
         with pytest.raises(TypeError):
             await room.configure("not a config")  # type: ignore[arg-type]
+
+
+async def test_authenticate_makes_an_anonymous_connection_the_users_in_place(autojump_clock: trio.testing.MockClock) -> None:
+    async with hub_with() as hub:
+        seen = await hub.notifications.send("alice", "seen", "")
+        missed = [await hub.notifications.send("alice", f"missed {n}", "") for n in range(2)]
+        phone = MemoryTransport()
+        anon = await hub.connect(phone, metadata={"device": "phone"})
+        assert anon.notifications is None
+        await hub.notifications.send("alice", "before auth", "")
+        await settle()
+        assert of_type(phone, "notification") == []  # anonymous: none of alice's
+
+        info = await hub.authenticate(anon.connection_id, "alice", notifications_since=(seen.epoch, seen.seq))
+        assert info.connection_id == anon.connection_id
+        assert (info.user_id, info.metadata) == ("alice", {"device": "phone"})
+        assert info.notifications is not None
+        assert (info.notifications.topic, info.notifications.recovered, info.notifications.replayed) == ("user:alice", True, 3)
+        assert info.notifications.last_seq == seen.seq + 3
+        assert hub.is_online("alice")
+        assert hub.notifications.is_online("alice")
+        live = await hub.notifications.send("alice", "live", "")
+        await settle()
+        titles = [e["data"]["title"] for e in of_type(phone, "notification")]
+        assert titles == [*(n.title for n in missed), "before auth", live.title]  # replayed, then live: none missed or repeated
+
+        # Joining rooms works now, on the same connection.
+        joined = await hub.join_room(anon.connection_id, "general")
+        assert joined.member.user_id == "alice"
+
+        # Without a position: attached from now, as connect does.
+        tablet = MemoryTransport()
+        other = await hub.connect(tablet)
+        attached = await hub.authenticate(other.connection_id, "alice")
+        assert attached.notifications is not None
+        assert (attached.notifications.recovered, attached.notifications.replayed) == (False, 0)
+        await hub.notifications.send("alice", "both", "")
+        await settle()
+        assert [e["data"]["title"] for e in of_type(tablet, "notification")] == ["both"]
+
+        # Closing it detaches it from the mailbox.
+        await hub.disconnect(anon.connection_id)
+        await hub.disconnect(other.connection_id)
+        assert not hub.is_online("alice")
+        assert not hub.notifications.is_online("alice")
+
+
+async def test_authenticate_refusals_through_the_hub(autojump_clock: trio.testing.MockClock) -> None:
+    async with hub_with(HubConfig(max_connections_per_user=1)) as hub:
+        alice = await hub.connect(MemoryTransport(), "alice")
+        transport = MemoryTransport()
+        anon = await hub.connect(transport)
+        with pytest.raises(TooManyConnections):
+            await hub.authenticate(anon.connection_id, "alice")
+        assert hub.connections.get_connection(anon.connection_id) == ConnectionInfo(
+            **attrs.asdict(anon, recurse=False, filter=lambda a, v: a.name != "notifications")
+        )  # left anonymous and open
+        await hub.notifications.send("alice", "not for anon", "")
+        await settle()
+        assert of_type(transport, "notification") == []  # and not attached
+        assert not transport.closed
+
+        same = await hub.authenticate(alice.connection_id, "alice", notifications_since=("e", 1))
+        assert (same.connection_id, same.user_id, same.notifications) == (alice.connection_id, "alice", None)  # a no-op
+        with pytest.raises(ValueError, match="another user"):
+            await hub.authenticate(alice.connection_id, "bob")
+        with pytest.raises(ValueError, match="user id"):
+            await hub.authenticate(anon.connection_id, "a/b")
+        with pytest.raises(TypeError, match="epoch, seq"):
+            await hub.authenticate(anon.connection_id, "bob", notifications_since=["e", 1])  # type: ignore[arg-type]
+        with pytest.raises(NotFound):
+            await hub.authenticate("nope", "bob")
+        assert hub.connections.get_connection(anon.connection_id).user_id is None  # type: ignore[union-attr]
+
+
+async def test_an_on_message_handler_may_authenticate_its_own_connection(autojump_clock: trio.testing.MockClock) -> None:
+    async with hub_with() as hub:
+        seen = await hub.notifications.send("bob", "seen", "")
+        missed = await hub.notifications.send("bob", "missed", "")
+
+        async def on_message(info: ConnectionInfo, data: Any) -> Any:
+            connected = await hub.authenticate(info.connection_id, data, notifications_since=(seen.epoch, seen.seq))
+            return connected.notifications
+
+        hub.connections.on_message = on_message
+        transport = MemoryTransport()
+        anon = await hub.connect(transport)
+        with trio.fail_after(1):  # no wait for itself
+            notifications = await hub.connections.receive(anon.connection_id, "bob")
+        assert (notifications.recovered, notifications.replayed) == (True, 1)
+        assert hub.connections.get_connection(anon.connection_id).user_id == "bob"  # type: ignore[union-attr]
+        await settle()
+        assert [e["data"]["id"] for e in of_type(transport, "notification")] == [missed.id]

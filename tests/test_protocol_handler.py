@@ -490,7 +490,9 @@ async def test_not_authenticated_until_auth(handler: ProtocolHandler, hub: Hub, 
     assert hello["user_id"] == "bob"
     assert hello["notifications"]["last_seq"] == 1
     assert hub.is_online("bob")
-    assert handler.resolve(anon.id) == hello["connection_id"] != anon.id
+    assert hello["connection_id"] == anon.id  # the same connection, now bob's
+    assert [c.connection_id for c in hub.connections.get_user_connections("bob")] == [anon.id]
+    assert hub.connections.connection_count == 1
     assert anon.closed is None
     data_of(await anon.ask({"type": "join", "room": "general"}))
     assert hub.connections.get_room_connections("general")[0].user_id == "bob"
@@ -498,6 +500,64 @@ async def test_not_authenticated_until_auth(handler: ProtocolHandler, hub: Hub, 
 
     await handler.close(anon.id, code=CloseCode.NORMAL)
     assert anon.closed == CloseCode.NORMAL
+    assert handler.session_count() == 0
+
+
+async def test_auth_reply_comes_after_earlier_frames_and_before_the_replayed_notifications(handler: ProtocolHandler, hub: Hub) -> None:
+    seen = await hub.notifications.send("bob", "seen", "")
+    missed = [await hub.notifications.send("bob", f"missed {n}", "") for n in range(2)]
+    anon = await connect(handler, None)
+    await anon.new()
+    await anon.send({"type": "ping", "ref": "p"})
+    await anon.send({"type": "auth", "ref": "a", "token": "tok-bob", "since": {"epoch": seen.epoch, "seq": seen.seq}})
+    await hub.notifications.send("bob", "live", "")
+    frames = await anon.new()
+    assert [(f["type"], f.get("ref")) for f in frames[:2]] == [("pong", "p"), ("reply", "a")]
+    hello = data_of(frames[1])
+    assert hello["connection_id"] == anon.id
+    assert (hello["notifications"]["recovered"], hello["notifications"]["replayed"]) == (True, 2)
+    assert [f["data"]["title"] for f in frames[2:]] == [*(n.title for n in missed), "live"]
+
+
+async def test_auth_without_ref_is_answered_with_a_welcome(handler: ProtocolHandler, hub: Hub) -> None:
+    anon = await connect(handler, None)
+    await anon.new()
+    await anon.send({"token": "tok-bob"})
+    [welcome] = await anon.new()
+    assert (welcome["type"], welcome["connection_id"], welcome["user_id"]) == ("welcome", anon.id, "bob")
+    assert welcome["notifications"]["topic"] == "user:bob"
+
+
+async def test_auth_over_the_per_user_limit_closes_1013(tokens: Tokens) -> None:
+    config = HubConfig(max_connections_per_user=1, rate_limit=WSRateLimitConfig(messages_per_second=1000, burst_size=1000))
+    async with open_hub(config) as hub:
+        handler = ProtocolHandler(hub, authenticator=tokens).install()
+        bob = await connect(handler, "bob")
+        anon = await connect(handler, None)
+        await anon.send({"type": "auth", "ref": 1, "token": "tok-bob"})
+        await anon.new()
+        assert anon.closed == CloseCode.TRY_AGAIN_LATER
+        assert anon.transport.close_reason == "too many connections"
+        assert hub.connections.get_connection(anon.id) is None
+        assert [c.connection_id for c in hub.connections.get_user_connections("bob")] == [bob.id]
+        assert handler.session_count() == 1
+        assert bob.closed is None
+
+
+async def test_a_failing_auth_closes_1011_and_is_logged(handler: ProtocolHandler, hub: Hub, caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("mailbox store down")
+
+    hub.notifications.attach = broken  # type: ignore[method-assign]
+    anon = await connect(handler, None)
+    with caplog.at_level(logging.ERROR, logger="ensemble.server"):
+        await anon.send({"type": "auth", "ref": 1, "token": "tok-bob"})
+        frames = await anon.new()
+    assert anon.closed == CloseCode.INTERNAL_ERROR
+    assert all(f["type"] == "welcome" for f in frames)  # no reply, no traceback on the wire
+    assert "authenticating connection" in caplog.text
+    assert "mailbox store down" in caplog.text
+    assert not hub.is_online("bob")
     assert handler.session_count() == 0
 
 

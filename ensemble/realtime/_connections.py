@@ -32,6 +32,17 @@ inbound rate limit         :data:`RATE_LIMITED` 4029      ``"rate limited"``
 actor crash                :data:`CLOSE_INTERNAL_ERROR`   ``"internal error"``
 ========================== ============================== ============================
 
+A connection opened anonymously (``user_id=None``) can be given its user
+later, in place, with :meth:`ConnectionManager.authenticate` (in-band
+authentication): the same connection id, transport, outbox and actor. It is
+handled by the connection's own actor, in order with its inbound messages
+(or directly, when called from that actor's ``on_message``), so the
+connection's user never changes under a message being handled. What was
+queued for the connection before is written first; then the per-user limit
+is checked, the user index and presence are updated as on ``connect``, and
+the owner's ``on_authenticated`` wiring runs (the hub attaches the
+connection to its user's mailbox there).
+
 The slow-consumer reason is compact JSON:
 ``{"error":"slow_consumer","positions":{"<topic>":["<epoch>",<seq>]}}``,
 where the positions are those of the last event of each topic that was fully
@@ -258,6 +269,12 @@ class _Inbound:
     data: Any
 
 
+@attrs.frozen(eq=False)
+class _Authenticate:
+    user_id: str
+    context: Any
+
+
 class _Rejected(Exception):
     """Carries an inbound message's error from the connection actor to the
     caller of :meth:`ConnectionManager.receive` (a rejection, not a crash)."""
@@ -333,6 +350,7 @@ class _Connection:
     sent_positions: Positions = attrs.field(factory=dict)
     task: trio.lowlevel.Task | None = None
     close_itself: Callable[[int, str], Awaitable[None]] | None = None
+    authenticate_itself: Callable[[str, Any], Awaitable[ConnectionInfo]] | None = None
     rate_violations: int = 0
 
     def info(self) -> ConnectionInfo:
@@ -365,7 +383,7 @@ class _ConnectionActor(Actor):
 
     # Inbound messages block their sender (the transport's reader) when 16
     # are queued: backpressure to the socket, never an unbounded queue.
-    mailbox = MailboxConfig(size=16, overflow="fail", per_type={Flush: "keep_latest", _Inbound: "block"})
+    mailbox = MailboxConfig(size=16, overflow="fail", per_type={Flush: "keep_latest", _Inbound: "block", _Authenticate: "block"})
     expected_exceptions = (_Rejected,)
 
     def __init__(self, manager: ConnectionManager, connection: _Connection) -> None:
@@ -376,6 +394,7 @@ class _ConnectionActor(Actor):
         self._conn.ref = self.ref
         self._conn.task = trio.lowlevel.current_task()
         self._conn.close_itself = self._close
+        self._conn.authenticate_itself = self._authenticate
         if self._conn.outbox:
             self.ref.tell_nowait(FLUSH)
 
@@ -386,6 +405,12 @@ class _ConnectionActor(Actor):
             return await self._inbound(message.data)
         elif isinstance(message, _Close):
             await self._close(message.code, message.reason)
+        elif isinstance(message, _Authenticate):
+            try:
+                return await self._authenticate(message.user_id, message.context)
+            except Exception as exc:
+                # A refusal (or a failed wiring) is the caller's answer, not a crash.
+                raise _Rejected(exc) from None
         else:
             raise TypeError(f"unexpected message for connection {self._conn.connection_id}: {message!r}")
 
@@ -408,6 +433,10 @@ class _ConnectionActor(Actor):
         await self._flush()
         await self._manager._finish(self._conn, code, reason)
         self.stop()
+
+    async def _authenticate(self, user_id: str, context: Any) -> ConnectionInfo:
+        await self._flush()  # what was queued while anonymous is written first
+        return await self._manager._authenticate(self._conn, user_id, context)
 
     async def _inbound(self, data: Any) -> Any:
         conn = self._conn
@@ -537,6 +566,13 @@ class ConnectionManager:
             connection to its user's mailbox there, replaying from the
             position in ``context``). An exception from it fails the
             ``connect`` (the connection is closed again).
+        on_authenticated: Awaited with the info of a connection that
+            :meth:`authenticate` just gave its user (``user_id`` set) and
+            the ``context`` given to it, in the connection's actor, before
+            ``on_user_online``: the same wiring as ``on_opened`` (the hub
+            gives both the same function). An exception from it fails the
+            ``authenticate`` (the connection is closed with
+            :data:`CLOSE_INTERNAL_ERROR`, since its wiring may be half done).
         on_closed: Awaited first when a connection closes, before
             ``on_user_offline`` and ``on_disconnect``, for the owner's own
             clean-up (the hub leaves rooms and live queries there).
@@ -571,6 +607,7 @@ class ConnectionManager:
         on_user_offline: UserHook | None = None,
         on_opened: OpenedHook | None = None,
         on_closed: Hook | None = None,
+        on_authenticated: OpenedHook | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if max_connections < 0 or max_metadata_keys < 0:
@@ -600,6 +637,7 @@ class ConnectionManager:
         self.on_user_offline = on_user_offline
         self._on_opened = on_opened
         self._on_closed = on_closed
+        self._on_authenticated = on_authenticated
         self.on_connect: Hook | None = None
         self.on_disconnect: Hook | None = None
         self.on_message: InboundHandler | None = None
@@ -702,6 +740,98 @@ class ConnectionManager:
             self._online.add(user_id)
             await self._call(self.on_user_online, user_id, "on_user_online")
         await self._call(self.on_connect, conn.info(), "on_connect")
+        return conn.info()
+
+    async def authenticate(self, connection_id: str, user_id: str, *, context: Any = None) -> ConnectionInfo:
+        """Give an anonymous connection its user, in place (in-band authentication).
+
+        The connection keeps its id, transport, outbox, actor, rooms and
+        metadata; from now on it is one of ``user_id``'s connections, exactly
+        as if it had been opened for the user: it counts toward
+        ``max_connections_per_user``, is in the user's index
+        (:meth:`get_user_connections`, :meth:`send_to_user`), the owner's
+        ``on_authenticated`` wiring runs (the hub attaches it to the user's
+        mailbox), and if it is the user's first connection the user goes
+        online (``on_user_online``). ``on_connect`` does not run again.
+
+        It is done by the connection's actor, in order with its inbound
+        messages (a message queued before is handled as anonymous, one after
+        as the user's); called from that actor itself (its ``on_message``
+        handler authenticating its own connection) it is done right there,
+        without waiting for itself. Events queued for the connection before
+        are written to its transport first.
+
+        Authenticating a connection as the user it already has is a no-op
+        (no wiring, no presence change) returning its info.
+
+        Args:
+            connection_id: The connection.
+            user_id: The authenticated user.
+            context: Handed to the owner's ``on_authenticated`` wiring with
+                the connection's info (the hub's resume position), not stored.
+
+        Returns:
+            A snapshot of the connection, now with its ``user_id``.
+
+        Raises:
+            NotFound: The connection is not open (or is closing).
+            ValueError: ``user_id`` is not a non-empty string, or the
+                connection has another user already (a connection's user
+                never changes; open a new connection instead).
+            TooManyConnections: ``max_connections_per_user`` is reached for
+                ``user_id`` (a ``ConnectionError``); the connection is left
+                as it was, anonymous and open.
+            Exception: Whatever ``on_authenticated`` raised (the connection
+                is then closed with :data:`CLOSE_INTERNAL_ERROR`).
+        """
+        if not isinstance(user_id, str) or not user_id:
+            raise ValueError(f"user_id must be a non-empty string, got {user_id!r}")
+        conn = self._connections.get(connection_id)
+        ref = None if conn is None else conn.ref
+        if conn is None or ref is None or not conn.registered or conn.finishing:
+            await trio.lowlevel.checkpoint()
+            raise NotFound(f"no open connection {connection_id!r}")
+        itself = conn.authenticate_itself
+        if itself is not None and conn.task is trio.lowlevel.current_task():
+            # Called from the connection's own actor (its on_message handler):
+            # asking itself would wait for itself.
+            return await itself(user_id, context)
+        try:
+            info: ConnectionInfo = await ref.ask(_Authenticate(user_id, context), timeout=None)
+        except _Rejected as rejected:
+            raise rejected.error from None
+        except ActorError:
+            raise NotFound(f"connection {connection_id!r} closed") from None
+        return info
+
+    async def _authenticate(self, conn: _Connection, user_id: str, context: Any) -> ConnectionInfo:
+        """Make ``conn`` one of ``user_id``'s connections (in its own actor's task)."""
+        await trio.lowlevel.checkpoint()
+        cid = conn.connection_id
+        if conn.finishing or not conn.registered:
+            raise NotFound(f"connection {cid!r} closed")
+        if conn.user_id is not None:
+            if conn.user_id == user_id:
+                return conn.info()
+            raise ValueError(f"connection {cid!r} is authenticated as another user already; a connection's user cannot change")
+        # Checked and counted in one step (no await between), as in connect.
+        if self.max_connections_per_user is not None:
+            open_now = len(self._by_user.get(user_id, ()))
+            if open_now >= self.max_connections_per_user:
+                raise TooManyConnections(f"user {user_id!r} has {open_now} connections open already (max_connections_per_user)")
+        conn.user_id = user_id
+        conn.outbox.user_id = user_id
+        self._by_user.setdefault(user_id, {})[cid] = conn
+        if self._on_authenticated is not None:
+            try:
+                await self._on_authenticated(conn.info(), context)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.disconnect(cid, code=CLOSE_INTERNAL_ERROR, reason="internal error")
+                raise
+        if user_id not in self._online and conn.registered:
+            self._online.add(user_id)
+            await self._call(self.on_user_online, user_id, "on_user_online")
         return conn.info()
 
     async def disconnect(self, connection_id: str, *, code: int = CLOSE_NORMAL, reason: str = "disconnected") -> bool:

@@ -64,7 +64,8 @@ ROOM_FAILED = "failed"
 
 @attrs.define
 class _Connecting:
-    """What ``Hub.connect`` hands its ``on_opened`` wiring (as ``context``)."""
+    """What ``Hub.connect`` and ``Hub.authenticate`` hand the connection
+    manager's wiring (``on_opened``, ``on_authenticated``) as ``context``."""
 
     notifications_since: tuple[str, int] | None
     notifications: Resumption | None = None
@@ -387,14 +388,61 @@ class Hub:
         info = await self.connections.connect(transport, user_id, metadata, context=connecting)
         return Connected(**attrs.asdict(info, recurse=False), notifications=connecting.notifications)
 
-    async def _connection_opened(self, info: ConnectionInfo, context: Any) -> None:
-        """Wire a new connection, however it was opened: attach it to its
-        user's mailbox so every device gets the user's notifications.
+    async def authenticate(
+        self,
+        connection_id: str,
+        user_id: str,
+        *,
+        notifications_since: tuple[str, int] | None = None,
+    ) -> Connected:
+        """Give an anonymous connection its user, in place, and attach it to
+        the user's mailbox (in-band authentication).
 
-        Awaited by the connection manager inside ``connect``, with the
-        ``context`` given to it: a :class:`_Connecting` from :meth:`connect`
-        (the attachment replays from its position and records the outcome),
-        or ``None`` for a connection opened on the manager directly.
+        The connection keeps its id, transport and outbox; it becomes one of
+        the user's devices exactly as if :meth:`connect` had opened it for
+        the user (per-user limit, presence, notifications); see
+        ``connections.authenticate``. May be called from the connection's
+        own ``on_message`` handler.
+
+        Args:
+            connection_id: The connection.
+            user_id: The authenticated user.
+            notifications_since: The ``(epoch, seq)`` of the last
+                notification this device processed: the user's
+                notifications after it are put in the connection's outbox
+                before any live one, as in :meth:`connect`.
+
+        Returns:
+            The connection's :class:`ConnectionInfo`, with ``notifications``
+            as :meth:`connect` returns it. If the connection had this user
+            already, nothing is done (``notifications_since`` is ignored)
+            and ``notifications`` is ``None``.
+
+        Raises:
+            NotFound: The connection is not open.
+            TooManyConnections: ``max_connections_per_user`` is reached (the
+                connection stays open, anonymous).
+            ValueError: An invalid user id, or the connection has another
+                user already.
+            TypeError: ``notifications_since`` is not an ``(epoch, seq)`` pair.
+        """
+        _check_id("user id", user_id)
+        if notifications_since is not None:
+            _check_position("notifications_since", notifications_since)
+        connecting = _Connecting(notifications_since)
+        info = await self.connections.authenticate(connection_id, user_id, context=connecting)
+        return Connected(**attrs.asdict(info, recurse=False), notifications=connecting.notifications)
+
+    async def _connection_opened(self, info: ConnectionInfo, context: Any) -> None:
+        """Wire a connection to its user, however it got one: attach it to
+        the user's mailbox so every device gets the user's notifications.
+
+        Awaited by the connection manager inside ``connect`` (``on_opened``)
+        and ``authenticate`` (``on_authenticated``), with the ``context``
+        given to it: a :class:`_Connecting` from :meth:`connect` or
+        :meth:`authenticate` (the attachment replays from its position and
+        records the outcome), or ``None`` for a connection opened (or
+        authenticated) on the manager directly.
         """
         if info.user_id is None:
             return
@@ -566,6 +614,7 @@ async def open_hub(
             outbox_max_bytes=config.outbox_max_bytes,
             on_opened=opened,
             on_closed=closed,
+            on_authenticated=opened,
             rate_limiter=WebSocketRateLimiter(config.rate_limit, clock=trio.current_time),
             max_rate_violations=config.max_rate_violations,
         )

@@ -26,12 +26,13 @@ writes the ``welcome`` first, joins batched frames, and forgets the session
 when the hub closes the transport (whatever the cause), so no hook of the
 connection manager is taken.
 
-In-band authentication: a hub connection's user is fixed when it opens, so a
-connection opened without an identity is anonymous; when its ``auth``
-succeeds the handler closes the anonymous hub connection (without closing
-the socket: its queued frames are written first) and opens one for the user
-on the same socket, with the same session. The transport keeps using the
-connection id ``open`` returned; :meth:`frame` resolves it.
+In-band authentication: a connection opened without an identity is
+anonymous; when its ``auth`` succeeds the handler makes it the user's in
+place (``hub.authenticate``, from inside the connection's actor): same hub
+connection, same id, same session. The frames queued before are written
+first, then the ``auth`` reply (the ``welcome`` fields), then the user's
+notifications replayed from ``since``. A per-user connection limit closes
+the connection with 1013, a failure with 1011 (logged).
 """
 
 from __future__ import annotations
@@ -96,9 +97,8 @@ _NO_REPLY: Final = object()
 
 @attrs.define(eq=False)
 class _Session:
-    """The protocol state of one client (one socket), across hand-offs."""
+    """The protocol state of one client (one socket, one hub connection)."""
 
-    public_id: str = ""
     connection_id: str = ""
     identity: Identity | None = None
     metadata: Mapping[str, object] | None = None
@@ -117,8 +117,9 @@ class _Session:
 class _SessionTransport:
     """What the hub writes to for one connection: the client's transport, plus
 
-    the first frame (``welcome``) written before anything else, batching
-    (several frames joined with ``\\n``) when the client asked for it, and the
+    a frame written before anything not yet written (the ``welcome``, or the
+    ``auth`` reply ahead of the replayed notifications), batching (several
+    frames joined with ``\\n``) when the client asked for it, and the
     session's end when the hub closes it.
     """
 
@@ -129,14 +130,16 @@ class _SessionTransport:
         self._ready = trio.Event()
         self._first: bytes | None = None
         self._first_written = True
-        self.handed_off = False
         self.closed = False
 
-    def release(self, first: bytes | None) -> None:
-        """Let writes through, ``first`` ahead of everything else.
+    def put_first(self, first: bytes | None) -> None:
+        """Write ``first`` ahead of every frame not yet written; let writes through.
 
-        ``first`` is also queued in the connection's outbox (so that it is
-        written even when nothing else is); it is written once, first.
+        Writes wait for the first call (``open`` makes it with the
+        ``welcome``, or with ``None`` when the connection failed). ``first``
+        is also queued in the connection's outbox (so that it is written
+        even when nothing else is); it is written once, first, and its
+        queued copy is skipped.
         """
         self._first = first
         self._first_written = first is None
@@ -170,9 +173,6 @@ class _SessionTransport:
     async def close(self, code: int, reason: str) -> None:
         self.closed = True
         self._ready.set()  # a close never waits for the welcome
-        if self.handed_off:
-            await trio.lowlevel.checkpoint()
-            return  # the socket lives on, under the user's connection
         self._handler._forget(self._session)
         await self.inner.close(code, reason)
 
@@ -254,7 +254,6 @@ class ProtocolHandler:
         self.watch_policy = watch_policy
         self._clock = clock
         self._sessions: dict[str, _Session] = {}
-        self._aliases: dict[str, str] = {}
         self._commands: dict[type[Any], Callable[[_Session, ConnectionInfo, Any], Awaitable[Any]]] = {
             cmd.Auth: self._auth,
             cmd.Ping: self._ping,
@@ -335,14 +334,14 @@ class ProtocolHandler:
         try:
             connected = await self.hub.connect(wrapper, user_id, metadata, notifications_since=resume if user_id else None)
         except BaseException:
-            wrapper.release(None)
+            wrapper.put_first(None)
             raise
-        session.public_id = session.connection_id = connected.connection_id
+        session.connection_id = connected.connection_id
         if not wrapper.closed:
             self._sessions[connected.connection_id] = session
         notifications = None if connected.notifications is None else connected.notifications.to_dict()
         welcome = dumps({"type": "welcome", **self._hello(session, notifications)})
-        wrapper.release(welcome)
+        wrapper.put_first(welcome)
         self.hub.connections.send_frame_nowait(connected.connection_id, welcome)
         return connected
 
@@ -357,24 +356,22 @@ class ProtocolHandler:
             connection_id: What :meth:`open` returned.
             data: The frame, as text or bytes.
         """
-        cid = self._aliases.get(connection_id, connection_id)
         try:
-            await self.hub.connections.receive(cid, data)
+            await self.hub.connections.receive(connection_id, data)
         except RateLimited as exc:
             ref = _peek_ref(data, self.max_message_size, self.max_depth)
             frame = encode_error("rate_limited", str(exc), ref, retry_after=round(exc.retry_after, 3))
-            self.hub.connections.send_frame_nowait(cid, frame)
+            self.hub.connections.send_frame_nowait(connection_id, frame)
         except NotFound:
             pass  # closed meanwhile: nobody to answer
 
     async def close(self, connection_id: str, *, code: int = CloseCode.NORMAL, reason: str = "") -> bool:
-        """Close a connection by the id :meth:`open` returned (or the current one).
+        """Close a connection by the id :meth:`open` returned.
 
         Returns:
             Whether it was open.
         """
-        cid = self._aliases.get(connection_id, connection_id)
-        return await self.hub.connections.disconnect(cid, code=int(code), reason=reason)
+        return await self.hub.connections.disconnect(connection_id, code=int(code), reason=reason)
 
     def expiring(self, now: float | None = None) -> list[str]:
         """The connections whose identity expired by ``now`` (Unix time) without a refresh.
@@ -408,14 +405,6 @@ class ProtocolHandler:
             closed += await self.hub.connections.disconnect(cid, code=CloseCode.UNAUTHENTICATED, reason="authentication timed out")
         return closed
 
-    def resolve(self, connection_id: str) -> str:
-        """The hub connection id now serving the connection :meth:`open` returned as ``connection_id``.
-
-        The same id, unless the connection authenticated in-band (which
-        re-opens it on the hub for its user).
-        """
-        return self._aliases.get(connection_id, connection_id)
-
     def session_count(self) -> int:
         """How many connections the handler keeps state for."""
         return len(self._sessions)
@@ -423,8 +412,6 @@ class ProtocolHandler:
     def _forget(self, session: _Session) -> None:
         if self._sessions.get(session.connection_id) is session:
             del self._sessions[session.connection_id]
-        if self._aliases.get(session.public_id) == session.connection_id:
-            del self._aliases[session.public_id]
 
     def _hello(self, session: _Session, notifications: Mapping[str, Any] | None) -> dict[str, Any]:
         identity = session.identity
@@ -455,7 +442,7 @@ class ProtocolHandler:
         session = self._sessions.get(info.connection_id)
         if session is None:  # a connection opened on the hub directly
             identity = None if info.user_id is None else Identity(user_id=info.user_id, source="server")
-            session = _Session(public_id=info.connection_id, connection_id=info.connection_id, identity=identity)
+            session = _Session(connection_id=info.connection_id, identity=identity)
             self._sessions[info.connection_id] = session
         if not isinstance(data, (str, bytes, bytearray, memoryview)):
             data = b""  # not a frame: decodes to an error
@@ -573,45 +560,35 @@ class ProtocolHandler:
                 raise _Refusal("invalid", "the token is for another user: open a new connection to change users")
             session.identity = identity  # a refresh: the new expiry counts
             return {"user_id": identity.user_id, "guest": identity.guest, "expires_at": identity.expires_at}
-        return await self._hand_off(session, identity, command)
+        return await self._authenticate(session, identity, command)
 
-    async def _hand_off(self, session: _Session, identity: Identity, command: cmd.Auth) -> object:
-        """Replace the anonymous hub connection by one of ``identity``'s user, on the same socket."""
-        old = session.transport
-        assert old is not None
-        old.handed_off = True
-        old_id = session.connection_id
-        del self._sessions[old_id]
-        # From inside its own actor: writes what it queued first, then ends.
-        await self.hub.connections.disconnect(old_id, code=CloseCode.NORMAL, reason="authenticated")
-        wrapper = session.transport = _SessionTransport(self, old.inner, session)
+    async def _authenticate(self, session: _Session, identity: Identity, command: cmd.Auth) -> object:
+        """Make the anonymous connection ``identity``'s user's, in place (same hub connection and id).
+
+        Runs in the connection's actor (``on_message``), so nothing is
+        written until it returns: the reply is put ahead of the notifications
+        the hub replayed into the outbox.
+        """
+        cid = session.connection_id
         since = command.since.as_tuple() if command.since is not None else session.resume
         try:
-            connected = await self.hub.connect(wrapper, identity.user_id, session.metadata, notifications_since=since)
-        except BaseException as exc:
-            wrapper.release(None)
-            code, reason = (
-                (CloseCode.TRY_AGAIN_LATER, "too many connections")
-                if isinstance(exc, TooManyConnections)
-                else (CloseCode.INTERNAL_ERROR, "internal error")
-            )
-            with trio.CancelScope(shield=True):
-                await old.inner.close(int(code), reason)
-            if isinstance(exc, Exception) and not isinstance(exc, TooManyConnections):
-                logger.exception("re-opening connection %s for its user failed", session.public_id)
-            if isinstance(exc, Exception):
-                return _NO_REPLY
-            raise
+            connected = await self.hub.authenticate(cid, identity.user_id, notifications_since=since)
+        except NotFound:
+            return _NO_REPLY  # closed meanwhile: nobody to answer
+        except TooManyConnections:
+            await self.hub.connections.disconnect(cid, code=CloseCode.TRY_AGAIN_LATER, reason="too many connections")
+            return _NO_REPLY
+        except Exception:
+            logger.exception("authenticating connection %s for its user failed", cid)
+            await self.hub.connections.disconnect(cid, code=CloseCode.INTERNAL_ERROR, reason="internal error")
+            return _NO_REPLY
         session.identity = identity
-        session.connection_id = connected.connection_id
-        if not wrapper.closed:
-            self._sessions[connected.connection_id] = session
-            self._aliases[session.public_id] = connected.connection_id
         notifications = None if connected.notifications is None else connected.notifications.to_dict()
         hello = self._hello(session, notifications)
         first = encode_reply(command.ref, hello) if command.ref is not None else dumps({"type": "welcome", **hello})
-        wrapper.release(first)
-        self.hub.connections.send_frame_nowait(connected.connection_id, first)
+        if session.transport is not None:
+            session.transport.put_first(first)
+        self._queue(session, first)
         return _NO_REPLY
 
     async def _join(self, session: _Session, info: ConnectionInfo, command: cmd.Join) -> object:

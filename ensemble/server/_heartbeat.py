@@ -19,9 +19,8 @@ A transport records when each connection last sent anything
 - the connections whose token expired (``expiring(now)``, the handler's
   answer too) are closed with :attr:`CloseCode.TOKEN_EXPIRED` (4002).
 
-A transport tracks a connection by the id ``ProtocolHandler.open`` returned;
-an in-band ``auth`` re-opens the hub connection under a new id, so pings and
-closes go to ``resolve(id)`` (``ProtocolHandler.resolve``).
+A transport tracks a connection by its hub connection id (the one
+``ProtocolHandler.open`` returned; an in-band ``auth`` keeps it).
 
 Closing goes through ``ConnectionManager.disconnect`` (which drains the
 connection's outbox first, for up to its ``close_timeout``), each in a task
@@ -111,8 +110,6 @@ class Heartbeat:
             handler's ``unauthenticated``).
         expiring: Called with the Unix time; returns the (hub) connections
             whose token expired (the protocol handler's ``expiring``).
-        resolve: Maps a tracked id to the hub connection id serving it now
-            (the protocol handler's ``resolve``); default: the same id.
         tick: Seconds between sweeps (default: ``min(interval, timeout)``).
         clock: The monotonic clock of last-seen times (Trio's by default).
         wall_clock: The Unix time given to ``expiring``.
@@ -129,7 +126,6 @@ class Heartbeat:
         timeout: float,
         unauthenticated: Callable[[float], Iterable[str]] | None = None,
         expiring: Callable[[float], Iterable[str]] | None = None,
-        resolve: Callable[[str], str] | None = None,
         tick: float | None = None,
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] = time.time,
@@ -144,7 +140,6 @@ class Heartbeat:
         self.timeout = timeout
         self.unauthenticated = unauthenticated
         self.expiring = expiring
-        self.resolve = resolve
         self._clock = clock
         self._wall_clock = wall_clock
         self._last: dict[str, float] = {}
@@ -199,7 +194,7 @@ class Heartbeat:
     def sweep(self, now: float | None = None, wall_now: float | None = None) -> Sweep:
         """Decide what the sweep at ``now`` does (:meth:`apply` does it).
 
-        Every id in the result is a hub connection id (resolved). Connections
+        Every id in the result is a hub connection id. Connections
         already being closed are left out, and each connection appears in at
         most one list (a timed-out one is not pinged). The pings are noted as
         sent, and timed-out connections are no longer tracked.
@@ -210,33 +205,29 @@ class Heartbeat:
                 timeout (default: ``wall_clock()``).
         """
         now = self._clock() if now is None else now
-        resolve = self.resolve
         closing = self._closing
         ping: list[str] = []
         timed_out: list[str] = []
-        dead: list[str] = []
         silent_after = now - self.interval
         dead_after = silent_after - self.timeout
-        for tracked, last in self._last.items():
+        for connection_id, last in self._last.items():
             if last > silent_after:
                 continue
-            connection_id = tracked if resolve is None else resolve(tracked)
             if connection_id in closing:
                 continue
             if last <= dead_after:
-                if self._writing(tracked, connection_id):
+                if self._writing(connection_id):
                     # Still taking our frames (the ping may be queued behind
                     # them): alive, only busy. Ping again later.
-                    self._last[tracked] = silent_after
+                    self._last[connection_id] = silent_after
                     continue
                 timed_out.append(connection_id)
-                dead.append(tracked)
-            elif self._pinged.get(tracked, -math.inf) <= silent_after:
-                self._pinged[tracked] = now
+            elif self._pinged.get(connection_id, -math.inf) <= silent_after:
+                self._pinged[connection_id] = now
                 ping.append(connection_id)
-                self._writing(tracked, connection_id)  # the baseline of write progress
-        for tracked in dead:
-            self.closed(tracked)
+                self._writing(connection_id)  # the baseline of write progress
+        for connection_id in timed_out:
+            self.closed(connection_id)
         decided = {*timed_out}
         unauthenticated: list[str] = []
         expired: list[str] = []
@@ -259,7 +250,7 @@ class Heartbeat:
                 await trio.sleep(self.tick)
                 self.apply(self.sweep(), nursery)
 
-    def _writing(self, tracked: str, connection_id: str) -> bool:
+    def _writing(self, connection_id: str) -> bool:
         """Whether the connection's outbox was drained further since the last check.
 
         A connection actor takes its next batch only after the previous one
@@ -270,8 +261,8 @@ class Heartbeat:
         stats = self.connections.outbox_statistics(connection_id)
         if stats is None:
             return False
-        before = self._progress.get(tracked)
-        self._progress[tracked] = stats.delivered
+        before = self._progress.get(connection_id)
+        self._progress[connection_id] = stats.delivered
         # More than the one frame of our own ping: a peer that only takes
         # pings from us (and never answers) is not shown alive by them.
         return before is not None and stats.delivered > before + 1

@@ -395,7 +395,6 @@ class EnsembleApp:
                     timeout=config.heartbeat.timeout,
                     unauthenticated=handler.unauthenticated,
                     expiring=handler.expiring,
-                    resolve=handler.resolve,
                     # Often enough for the authentication timeout too.
                     tick=min(config.heartbeat.interval, config.heartbeat.timeout, config.auth.auth_timeout) / 2,
                 )
