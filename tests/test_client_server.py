@@ -80,3 +80,31 @@ async def test_a_batching_client_gets_every_event(transport: str) -> None:
                 await alice.send("general", f"burst {n}")
             for n in range(5):
                 await next_message(bob.events(), f"burst {n}")
+
+
+@pytest.mark.parametrize("times", [1, 4], ids=["room_reset", "room_closed"])
+async def test_a_room_crash_is_answered_by_joining_again_from_the_position(transport: str, times: int) -> None:
+    """After ``room_reset`` (a restart) or ``room_closed`` (given up on: the
+    connection was dropped from the room), the client joins again with its
+    position, so it keeps getting the room's messages."""
+    from _doc_faults import crash_room
+
+    async with (
+        running_server(make_config(), transport=transport) as server,
+        open_client(server.ws_url("token=alice"), backoff=FAST) as alice,
+    ):
+        await alice.join("general")
+        await (await server.hub.room("general")).join("bob", "Bob")
+        await crash_room(server.hub, "general", times=times)
+        with trio.fail_after(10):
+            async for event in alice.events():
+                if event["type"] == ("room_reset" if times == 1 else "room_closed"):
+                    break
+        for _ in range(1000):  # the client's join reaches the room
+            [connection] = server.hub.connections.get_user_connections("alice")
+            if "general" in connection.rooms:
+                break
+            await trio.sleep(0.01)
+        await (await server.hub.room("general")).send_message("bob", "after the crash")
+        event = await next_message(alice.events(), "after the crash")
+        assert event["seq"] > 0

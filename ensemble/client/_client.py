@@ -6,7 +6,9 @@ close that allows it, see :class:`ensemble.protocol.CloseCode`), and after
 every reconnect re-authenticates and re-joins each room it had joined with
 the position of the last event it received there, so the server replays
 exactly what was missed (or says it cannot: the client then emits a
-``resync`` event for that room). Events arrive in order on
+``resync`` event for that room). A ``room_reset`` or ``room_closed`` (the
+room crashed on the server) is answered the same way: the client joins the
+room again from its position. Events arrive in order on
 ``client.events()``; commands (``join``, ``send``, ...) return the reply's
 ``data`` or raise :class:`ServerError`.
 
@@ -146,6 +148,7 @@ class Client:
         self._connected = trio.Event()
         self._closed: Closed | None = None
         self._rooms: dict[str, _Room] = {}
+        self._nursery: trio.Nursery | None = None
         self.positions: dict[str, tuple[str, int]] = {}
         self.welcome: dict[str, Any] | None = None
         self.reconnects = 0
@@ -272,6 +275,7 @@ class Client:
                 async with self._connect() as ws:
                     self._ws = ws
                     async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
                         nursery.start_soon(self._read, ws, nursery.cancel_scope)
                         try:
                             await self._resume(ws)
@@ -294,6 +298,7 @@ class Client:
                 failure = exc
             finally:
                 self._ws = None
+                self._nursery = None
                 self._connected = trio.Event()
                 self._fail_pending()
             code, reason = self._close_info
@@ -396,6 +401,28 @@ class Client:
         if isinstance(topic, str) and isinstance(seq, int) and isinstance(epoch, str):
             self.positions[topic] = (epoch, seq)
         await self._events_send.send(frame)
+        if kind in ("room_reset", "room_closed") and isinstance(topic, str) and topic.startswith("room:"):
+            # The room restarted (events of the crash may be missing) or
+            # dropped this connection: join again from the last position.
+            room = topic[5:]
+            ws, nursery = self._ws, self._nursery
+            if room in self._rooms and ws is not None and nursery is not None:
+                nursery.start_soon(self._rejoin, ws, room)
+
+    async def _rejoin(self, ws: trio_websocket.WebSocketConnection, room: str) -> None:
+        state = self._rooms.get(room)
+        if state is None:
+            return
+        try:
+            data = await self._join(ws, room, state.display_name)
+        except Disconnected:
+            return  # the reconnect re-joins it
+        except (ServerError, TimeoutError) as exc:
+            logger.warning("re-joining room %r after a reset failed: %s", room, exc)
+            await self._events_send.send({"type": "resync", "room": room, "data": None})
+            return
+        if isinstance(data, dict) and data.get("recovered") is False:
+            await self._events_send.send({"type": "resync", "room": room, "data": data})
 
     def _fail_pending(self) -> None:
         for send in self._pending.values():

@@ -13,6 +13,8 @@
  * it had joined with the position (epoch, seq) of the last event it received
  * there, so the server replays exactly what was missed. When the server says
  * it cannot (recovered: false), the client emits a "resync" event for that room.
+ * A room_reset or room_closed (the room crashed on the server) is answered the
+ * same way: the client joins the room again from its position.
  */
 (function (root) {
   "use strict";
@@ -168,6 +170,18 @@
         this.positions[frame.topic] = { epoch: frame.epoch, seq: frame.seq };
       }
       this._emit(frame.type, frame);
+      if ((frame.type === "room_reset" || frame.type === "room_closed") && typeof frame.topic === "string" && frame.topic.startsWith("room:")) {
+        // The room restarted (events of the crash may be missing) or dropped
+        // this connection: join again from the last position.
+        const room = frame.topic.slice(5);
+        const state = this.rooms.get(room);
+        if (state && this.state === "open") {
+          this._join(room, state.displayName, true).then(
+            (data) => { if (data && data.recovered === false) this._emit("resync", { type: "resync", room, data }); },
+            (error) => console.warn(`ensemble: re-joining ${room} after a reset failed`, error),
+          );
+        }
+      }
     }
 
     _send(frame) {
