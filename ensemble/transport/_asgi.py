@@ -63,7 +63,7 @@ import trio
 from prometheus_client import Gauge
 
 from ..protocol import CloseCode
-from ..realtime import Hub, TooManyConnections, TransportClosed, open_hub
+from ..realtime import Hub, TooManyConnections, Transport, TransportClosed, open_hub
 from ..server._auth import AuthCallable, Authenticator, HandshakeResult, authenticate_handshake, build_authenticator, offered_subprotocols
 from ..server._config import ServerConfig
 from ..server._handler import ProtocolHandler
@@ -287,6 +287,48 @@ class AsgiWebSocketTransport:
 # -- the app --------------------------------------------------------------------------
 
 
+@attrs.frozen
+class Admission:
+    """The decision on a WebSocket handshake (:meth:`EnsembleApp.admit`).
+
+    Attributes:
+        refusal: ``(close code, reason)`` when refused.
+        handshake: When admitted: the authenticated handshake (identity,
+            subprotocol to echo).
+    """
+
+    refusal: tuple[CloseCode, str] | None = None
+    handshake: HandshakeResult | None = None
+
+    @property
+    def identity(self) -> Identity | None:
+        """The admitted client's identity (``None``: it must authenticate in-band)."""
+        return None if self.handshake is None else self.handshake.identity
+
+
+@attrs.frozen
+class Refusal:
+    """How a refused handshake is answered (:meth:`EnsembleApp.refusal`).
+
+    Attributes:
+        code: The close code.
+        reason: The close reason (shortened to fit a close frame).
+        status: An HTTP status to answer *instead of* the upgrade (the
+            origin refusal: a cross-site page never gets a WebSocket), with
+            ``body`` (JSON naming the close code); ``None``: accept the
+            upgrade, then close at once with ``code``.
+        body: The HTTP body when ``status`` is set.
+        subprotocol: The subprotocol to echo when accepting to close (a
+            browser fails a handshake that ignores the subprotocols it offered).
+    """
+
+    code: CloseCode
+    reason: str
+    status: int | None = None
+    body: bytes = b""
+    subprotocol: str | None = None
+
+
 def _app_path(scope: Scope) -> str:
     """The path relative to where the app is mounted (``root_path`` removed)."""
     path: str = scope.get("path", "") or "/"
@@ -501,70 +543,83 @@ class EnsembleApp:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        hub, handler, heartbeat = self.hub, self.handler, self.heartbeat
+        admission = await self.admit(scope)
+        if admission.refusal is not None:
+            await self._refuse(scope, send, *admission.refusal)
+            return
+        assert admission.handshake is not None
+        await self._serve(scope, receive, send, admission.handshake, admission.identity)
+
+    async def admit(self, scope: Scope) -> Admission:
+        """Decide a WebSocket handshake, before any actor is allocated.
+
+        Every transport asks this with the handshake as an ASGI ``websocket``
+        scope (the native transport builds one): running and accepting, the
+        number of headers, ``max_connections``, ``authenticate_handshake``
+        (origin, then a credential), ``max_connections_per_user``. A refusal
+        is counted in ``counters.refused``.
+        """
+        hub = self.hub
         config = self.config
-        if hub is None or handler is None or heartbeat is None or not self._accepting:
-            code = CloseCode.GOING_AWAY if self._running else CloseCode.TRY_AGAIN_LATER
-            await self._refuse(scope, send, code, "server shutting down" if self._running else "server not ready")
-            return
-        if len(scope.get("headers", ())) > config.limits.max_headers:
-            await self._refuse(scope, send, CloseCode.POLICY_VIOLATION, "too many headers")
-            return
-        if hub.connections.connection_count >= config.limits.max_connections:
-            await self._refuse(scope, send, CloseCode.TRY_AGAIN_LATER, "too many connections")
-            return
-        result = await authenticate_handshake(scope, config, self.authenticator)
-        if result.close_code is not None:
-            await self._refuse(scope, send, result.close_code, result.reason)
-            return
-        identity = result.identity
-        per_user = config.limits.max_connections_per_user
-        if identity is not None and per_user is not None and len(hub.connections.get_user_connections(identity.user_id)) >= per_user:
-            await self._refuse(scope, send, CloseCode.TRY_AGAIN_LATER, "too many connections for this user")
-            return
-        await self._serve(scope, receive, send, result, identity, handler, heartbeat)
+        refusal: tuple[CloseCode, str] | None = None
+        result: HandshakeResult | None = None
+        if hub is None or self.handler is None or self.heartbeat is None or not self._accepting:
+            refusal = (CloseCode.GOING_AWAY, "server shutting down") if self._running else (CloseCode.TRY_AGAIN_LATER, "server not ready")
+        elif len(scope.get("headers", ())) > config.limits.max_headers:
+            refusal = (CloseCode.POLICY_VIOLATION, "too many headers")
+        elif hub.connections.connection_count >= config.limits.max_connections:
+            refusal = (CloseCode.TRY_AGAIN_LATER, "too many connections")
+        else:
+            result = await authenticate_handshake(scope, config, self.authenticator)
+            per_user = config.limits.max_connections_per_user
+            identity = result.identity
+            if result.close_code is not None:
+                refusal = (result.close_code, result.reason)
+            elif identity is not None and per_user is not None and len(hub.connections.get_user_connections(identity.user_id)) >= per_user:
+                refusal = (CloseCode.TRY_AGAIN_LATER, "too many connections for this user")
+        if refusal is not None:
+            self.counters.refused += 1
+            return Admission(refusal=refusal)
+        assert result is not None
+        return Admission(handshake=result)
+
+    def refusal(self, scope: Scope, code: CloseCode, reason: str) -> Refusal:
+        """How a transport answers a refused handshake (see the module doc)."""
+        status = _BEFORE_UPGRADE.get(code)
+        if status is not None:
+            body = json.dumps({"type": "error", "code": code.name.lower(), "close_code": int(code), "detail": reason}).encode()
+            return Refusal(code=code, reason=reason, status=status, body=body)
+        subprotocol = self.config.auth.subprotocol
+        return Refusal(
+            code=code,
+            reason=close_reason(reason),
+            subprotocol=subprotocol if subprotocol in offered_subprotocols(scope) else None,
+        )
 
     async def _refuse(self, scope: Scope, send: Send, code: CloseCode, reason: str) -> None:
         """Refuse a handshake with ``code``: before the upgrade (HTTP) for a
         policy refusal, else by accepting and closing at once (see the module doc)."""
-        self.counters.refused += 1
-        status = _BEFORE_UPGRADE.get(code)
-        if status is not None:
-            body = json.dumps({"type": "error", "code": code.name.lower(), "close_code": int(code), "detail": reason}).encode()
+        refusal = self.refusal(scope, code, reason)
+        if refusal.status is not None:
             if "websocket.http.response" in (scope.get("extensions") or {}):
-                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-                await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-                await send({"type": "websocket.http.response.body", "body": body})
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(refusal.body)).encode())]
+                await send({"type": "websocket.http.response.start", "status": refusal.status, "headers": headers})
+                await send({"type": "websocket.http.response.body", "body": refusal.body})
             else:
                 await send({"type": "websocket.close", "code": int(code), "reason": reason})  # the server answers 403
             return
-        subprotocol = self.config.auth.subprotocol
         accept: Message = {"type": "websocket.accept"}
-        if subprotocol in offered_subprotocols(scope):
-            accept["subprotocol"] = subprotocol  # a browser fails a handshake that ignores its subprotocols
+        if refusal.subprotocol is not None:
+            accept["subprotocol"] = refusal.subprotocol  # a browser fails a handshake that ignores its subprotocols
         await send(accept)
-        await send({"type": "websocket.close", "code": int(code), "reason": close_reason(reason)})
+        await send({"type": "websocket.close", "code": int(code), "reason": refusal.reason})
 
-    async def _serve(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        result: HandshakeResult,
-        identity: Identity | None,
-        handler: ProtocolHandler,
-        heartbeat: Heartbeat,
-    ) -> None:
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, result: HandshakeResult, identity: Identity | None) -> None:
         accept: Message = {"type": "websocket.accept"}
         if result.subprotocol is not None:
             accept["subprotocol"] = result.subprotocol
         await send(accept)
         transport = AsgiWebSocketTransport(send, self.counters)
-        client = scope.get("client")
-        metadata = {"transport": "asgi"}
-        if client:
-            metadata["remote"] = f"{client[0]}:{client[1]}"
-        connection_id: str | None = None
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as reading:
 
@@ -577,19 +632,10 @@ class EnsembleApp:
 
                 nursery.start_soon(relay)
                 try:
-                    try:
-                        info = await handler.open(transport, identity, metadata=metadata)
-                    except TooManyConnections:
-                        await transport.close(int(CloseCode.TRY_AGAIN_LATER), "too many connections")
-                        await trio.sleep_forever()  # until the client answers, or the grace ends
-                    except ValueError as exc:
-                        logger.warning("opening a connection failed: %s", exc)
-                        await transport.close(int(CloseCode.INTERNAL_ERROR), "internal error")
-                        await trio.sleep_forever()
-                    connection_id = info.connection_id
-                    self._connections.add(connection_id)
-                    heartbeat.opened(connection_id)
-                    await self._read(connection_id, receive, transport, handler, heartbeat)
+                    async with self.connection(transport, identity, kind="asgi", client=scope.get("client")) as connection_id:
+                        if connection_id is None:
+                            await trio.sleep_forever()  # until the client answers the close, or the grace ends
+                        await self._read(connection_id, receive, transport)
                 except trio.Cancelled:
                     if not reading.cancel_called:
                         # Hypercorn cancels connections after its graceful timeout:
@@ -598,21 +644,77 @@ class EnsembleApp:
                             await transport.close_now(int(CloseCode.GOING_AWAY), "server shutting down")
                     raise
                 finally:
-                    if connection_id is not None:
-                        self._connections.discard(connection_id)
-                        heartbeat.closed(connection_id)
-                        with trio.CancelScope(shield=True), trio.move_on_after(self.config.shutdown_timeout):
-                            await handler.close(connection_id, code=CloseCode.GOING_AWAY, reason="connection ended")
                     nursery.cancel_scope.cancel()
 
-    async def _read(
+    @asynccontextmanager
+    async def connection(
         self,
-        connection_id: str,
-        receive: Receive,
-        transport: AsgiWebSocketTransport,
-        handler: ProtocolHandler,
-        heartbeat: Heartbeat,
-    ) -> None:
+        transport: Transport,
+        identity: Identity | None,
+        *,
+        kind: str,
+        client: Any = None,
+    ) -> AsyncIterator[str | None]:
+        """An admitted client's hub connection, for as long as the block runs.
+
+        Opens it (``handler.open``: the ``welcome`` is its first frame) and
+        has the heartbeat track it; at the end it is closed (1001, "connection
+        ended", unless closed already) and forgotten. Yields the connection
+        id, or ``None`` when it could not be opened: the transport was then
+        closed with 1013 (too many connections) or 1011.
+
+        Args:
+            transport: The connection's hub transport.
+            identity: Who authenticated at the handshake (``None``: in-band).
+            kind: The transport's name, in the connection's metadata.
+            client: The peer's ``(host, port)``, if known.
+        """
+        handler, heartbeat = self.handler, self.heartbeat
+        if handler is None or heartbeat is None:
+            raise RuntimeError("the app is not running")
+        metadata = {"transport": kind}
+        if client:
+            metadata["remote"] = f"{client[0]}:{client[1]}"
+        try:
+            info = await handler.open(transport, identity, metadata=metadata)
+        except TooManyConnections:
+            await transport.close(int(CloseCode.TRY_AGAIN_LATER), "too many connections")
+            yield None
+            return
+        except ValueError as exc:
+            logger.warning("opening a connection failed: %s", exc)
+            await transport.close(int(CloseCode.INTERNAL_ERROR), "internal error")
+            yield None
+            return
+        connection_id = info.connection_id
+        self._connections.add(connection_id)
+        heartbeat.opened(connection_id)
+        try:
+            yield connection_id
+        finally:
+            self._connections.discard(connection_id)
+            heartbeat.closed(connection_id)
+            with trio.CancelScope(shield=True), trio.move_on_after(self.config.shutdown_timeout):
+                await handler.close(connection_id, code=CloseCode.GOING_AWAY, reason="connection ended")
+
+    async def client_frame(self, connection_id: str, text: str) -> None:
+        """A text frame from a client: counted, noted as a sign of life, handled."""
+        handler, heartbeat = self.handler, self.heartbeat
+        if handler is None or heartbeat is None:
+            raise RuntimeError("the app is not running")
+        counters = self.counters
+        counters.frames_in += 1
+        counters.bytes_in += len(text)
+        heartbeat.seen(connection_id)
+        await handler.frame(connection_id, text)
+
+    async def close_connection(self, connection_id: str, code: CloseCode, reason: str) -> None:
+        """Close a client's connection with ``code`` (through its actor, after what it queued)."""
+        handler = self.handler
+        if handler is not None:
+            await handler.close(connection_id, code=code, reason=reason)
+
+    async def _read(self, connection_id: str, receive: Receive, transport: AsgiWebSocketTransport) -> None:
         """Hand each client frame to the handler until the client leaves.
 
         Once the server closed the connection, frames are read and dropped
@@ -625,23 +727,20 @@ class EnsembleApp:
             kind = message["type"]
             if kind == "websocket.disconnect":
                 transport.peer_gone = True
-                await handler.close(connection_id, code=CloseCode.NORMAL, reason="client went away")
+                await self.close_connection(connection_id, CloseCode.NORMAL, "client went away")
                 return
             if kind != "websocket.receive" or transport.closed:
                 continue
             text = message.get("text")
             if text is None:
                 counters.protocol_errors += 1
-                await handler.close(connection_id, code=CloseCode.UNSUPPORTED_DATA, reason="binary frames are not supported")
+                await self.close_connection(connection_id, CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
                 continue
             if len(text) > max_size:  # hypercorn has the same limit; a mounted app's server may not
                 counters.protocol_errors += 1
-                await handler.close(connection_id, code=CloseCode.MESSAGE_TOO_BIG, reason="message too big")
+                await self.close_connection(connection_id, CloseCode.MESSAGE_TOO_BIG, "message too big")
                 continue
-            counters.frames_in += 1
-            counters.bytes_in += len(text)
-            heartbeat.seen(connection_id)
-            await handler.frame(connection_id, text)
+            await self.client_frame(connection_id, text)
 
 
 def create_app(
