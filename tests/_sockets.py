@@ -27,7 +27,7 @@ from ensemble.server._config import ServerConfig
 from ensemble.server._serve import Listening, serve
 from ensemble.transport import EnsembleApp, create_app
 
-TRANSPORTS = ("hypercorn",)
+TRANSPORTS = ("hypercorn", "native")
 """Every transport the socket-level protocol tests run against."""
 
 SECRET = "s" * 32

@@ -368,6 +368,10 @@ class ServerConfig:
             connection limits come from ``limits``: see :meth:`hub_config`).
         shutdown_timeout: Seconds a graceful shutdown may take before the
             remaining work is cancelled.
+        tls_certfile: A PEM certificate chain: serve TLS (``wss://``,
+            ``https://``) with it, on either transport.
+        tls_keyfile: The certificate's PEM private key (``None``: it is in
+            ``tls_certfile``).
         log_level: ``DEBUG``, ``INFO``, ``WARNING``, ``ERROR`` or ``CRITICAL``.
         log_format: ``"text"`` or ``"json"`` (one line per event either way).
 
@@ -387,6 +391,8 @@ class ServerConfig:
     heartbeat: HeartbeatConfig = attrs.field(factory=HeartbeatConfig, validator=attrs.validators.instance_of(HeartbeatConfig))
     hub: HubConfig = attrs.field(factory=HubConfig, validator=attrs.validators.instance_of(HubConfig))
     shutdown_timeout: float = attrs.field(default=10.0, validator=_finite_positive)
+    tls_certfile: str | None = attrs.field(default=None, validator=_optional_non_empty_str)
+    tls_keyfile: str | None = attrs.field(default=None, validator=_optional_non_empty_str)
     log_level: str = attrs.field(default="INFO", converter=_log_level, validator=_one_of(LOG_LEVELS))
     log_format: str = attrs.field(default="text", validator=_one_of(LOG_FORMATS))
 

@@ -152,6 +152,9 @@ def hypercorn_config(config: ServerConfig) -> HypercornConfig:
     hyper.websocket_ping_interval = None
     hyper.graceful_timeout = config.shutdown_timeout / 4
     hyper.shutdown_timeout = config.shutdown_timeout / 4
+    if config.tls_certfile is not None:
+        hyper.certfile = config.tls_certfile
+        hyper.keyfile = config.tls_keyfile
     hyper.accesslog = logging.getLogger("hypercorn.access")
     hyper.errorlog = logging.getLogger("hypercorn.error")
     hyper.access_log_format = ACCESS_LOG_FORMAT
@@ -170,8 +173,9 @@ async def serve(
     """Run an Ensemble server until a shutdown is asked for, then stop gracefully.
 
     Args:
-        config: The configuration (``config.transport`` must be
-            ``"hypercorn"``; the native transport comes later).
+        config: The configuration (``config.transport``: ``"hypercorn"``,
+            the ASGI app under hypercorn's trio worker, or ``"native"``,
+            WebSocket directly on trio streams).
         authenticator: An authenticator or function passed in code (see
             ``ensemble.server._auth.build_authenticator``).
         app: An app built already (default: ``create_app(config,
@@ -184,15 +188,13 @@ async def serve(
             (``await nursery.start(serve, config)`` with ``port=0``).
 
     Raises:
-        NotImplementedError: ``config.transport`` is not ``"hypercorn"``.
         ValueError: The authentication configuration is not usable.
         OSError: The address cannot be bound.
     """
-    if config.transport != "hypercorn":
-        raise NotImplementedError(f"transport {config.transport!r} is not available yet; use 'hypercorn'")
     from hypercorn.trio import serve as hypercorn_serve
 
     from ..transport._asgi import create_app
+    from ..transport._native import serve_native
 
     if app is None:
         app = create_app(config, authenticator=authenticator)
@@ -220,7 +222,10 @@ async def serve(
 
         async def run(task_status: trio.TaskStatus[list[str]]) -> None:
             try:
-                await hypercorn_serve(app, hypercorn_config(config), shutdown_trigger=trigger, task_status=task_status)  # type: ignore[arg-type]
+                if config.transport == "native":
+                    await serve_native(app, shutdown_trigger=trigger, task_status=task_status)
+                else:
+                    await hypercorn_serve(app, hypercorn_config(config), shutdown_trigger=trigger, task_status=task_status)  # type: ignore[arg-type]
             finally:
                 nursery.cancel_scope.cancel()
 

@@ -1,0 +1,640 @@
+"""The native transport: WebSocket directly on trio streams.
+
+``serve_native(app)`` listens with ``trio.serve_listeners`` (TLS through
+``trio.SSLStream`` when ``config.tls_certfile`` is set) and runs the same
+:class:`~ensemble.transport._asgi.EnsembleApp` as the ASGI transport: the
+same handshake decision (:meth:`EnsembleApp.admit`: origin, credential,
+limits), the same protocol handler, heartbeat, HTTP API, metrics and demo
+page. Only the bytes are handled here:
+
+- The request head is parsed with h11 (bounded by
+  ``limits.max_handshake_bytes`` and ``limits.handshake_timeout``). A
+  WebSocket upgrade of ``/ws`` is answered by hand (``101`` with
+  ``Sec-WebSocket-Accept``); any other request is passed to the app as an
+  ASGI ``http`` request (one request per connection, ``Connection: close``).
+- Client frames are parsed by wsproto's frame layer (masking, fragments,
+  UTF-8 checked incrementally: 1007; control frames; close handshake). A
+  message is rejected with 1009 as soon as its fragments pass
+  ``limits.max_message_size``, before it is buffered whole; a binary
+  message is closed with 1003.
+- Server frames are built once per event (:class:`FrameCache`: the frame of
+  an ``Event.encoded`` payload is made by the first connection that writes
+  it and shared by all the others) and each batch the connection's actor
+  drained from its outbox is written with one socket write.
+
+The connection's actor writes to the socket itself: a socket write is
+cancellable here (unlike hypercorn's shielded one), so the slow-consumer
+policy can abandon a stuck write. The write loop tracks how much of the
+batch went out, so the close that follows first finishes the interrupted
+batch (the client's stream stays valid) and then sends the close frame
+(4008 with the resume positions), all bounded by ``limits.write_timeout``;
+the kernel's ``TCP_USER_TIMEOUT`` (the same limit) aborts a connection whose
+peer stopped reading altogether.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
+from urllib.parse import unquote
+
+import h11
+import trio
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+
+from ..protocol import CloseCode
+from ..realtime import TransportClosed
+from ..server._config import ServerConfig
+from ..server._metrics import TransportCounters
+from ..server._serve import set_write_timeout
+from ._asgi import CLOSE_GRACE, WS_PATH, EnsembleApp, Scope, _app_path, close_reason
+from ._frames import OP_PONG, FrameCache, accept_key, close_frame, frame, valid_key
+
+logger = logging.getLogger("ensemble.transport.native")
+
+RECEIVE_SIZE: Final = 65536
+MAX_HTTP_BODY: Final = 1 << 20
+"""The largest HTTP request body the native transport reads (413 beyond)."""
+
+
+# -- the transport ------------------------------------------------------------------
+
+
+class NativeWebSocketTransport:
+    """A hub :class:`~ensemble.realtime.Transport` writing WebSocket frames to a trio stream.
+
+    ``send_many`` frames the payloads (through the shared :class:`FrameCache`)
+    and writes them with one socket write; the connection's actor calls it.
+    The connection's reader writes control frames (pong, the close echo)
+    through the same lock, so writes never interleave.
+
+    Args:
+        stream: The connection's stream (a ``SocketStream``, or an
+            ``SSLStream`` over one).
+        cache: The frame cache shared by the server's connections.
+        counters: Where frames and bytes written are counted.
+        write_timeout: Seconds the final writes of a close may take.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        cache: FrameCache,
+        counters: TransportCounters,
+        *,
+        write_timeout: float,
+    ) -> None:
+        self._stream = stream
+        socket = getattr(stream, "socket", None)
+        self._socket: trio.socket.SocketType | None = socket if isinstance(stream, trio.SocketStream) else None
+        self._cache = cache
+        self._counters = counters
+        self._write_timeout = write_timeout
+        self._lock = trio.StrictFIFOLock()
+        self._unsent: memoryview | None = None  # the rest of an interrupted write
+        self._broken = False  # an interrupted write that cannot be finished (TLS)
+        self.close_code: int | None = None
+        self.close_sent = trio.Event()
+        self.peer_gone = False
+        self.reading: trio.CancelScope | None = None
+        """The connection's read loop: once closed, it reads for :data:`CLOSE_GRACE` more at most."""
+
+    def __repr__(self) -> str:
+        return f"<NativeWebSocketTransport close_code={self.close_code}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self.close_code is not None
+
+    async def send(self, data: bytes) -> None:
+        """Write one text frame (see :meth:`send_many`)."""
+        await self.send_many([data])
+
+    async def send_many(self, frames: list[bytes]) -> None:
+        """Write ``frames`` as text frames, in order, with one socket write.
+
+        Raises:
+            TransportClosed: The transport is closed.
+            trio.BrokenResourceError: The write failed (the client is gone).
+        """
+        if self.close_code is not None:
+            await trio.lowlevel.checkpoint()
+            raise TransportClosed("the WebSocket is closed")
+        if self.peer_gone:  # the client left; the hub is being told
+            await trio.lowlevel.checkpoint()
+            return
+        data = self._cache.frames(frames)
+        async with self._lock:
+            await self._write(data)
+        counters = self._counters
+        counters.frames_out += len(frames)
+        counters.bytes_out += len(data)
+
+    async def control(self, data: bytes) -> None:
+        """Write a control frame (the reader's pongs); dropped once closing."""
+        if self.close_code is not None or self.peer_gone:
+            await trio.lowlevel.checkpoint()
+            return
+        async with self._lock:
+            await self._write(data)
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with ``code``: finish an interrupted write, then the close frame.
+
+        A reason too long for a close frame (the slow-consumer positions) is
+        first sent whole in a final text frame ``{"type":"close",...}``, as
+        the ASGI transport does. Bounded by the write timeout; the stream is
+        closed by the connection's task afterwards (after the client's close
+        echo, or a short grace).
+        """
+        if self.close_code is not None:
+            await self.close_sent.wait()
+            return
+        self.close_code = int(code)
+        try:
+            if self.peer_gone:
+                return
+            short = close_reason(reason)
+            data = close_frame(int(code), short)
+            if short != reason:
+                final = json.dumps({"type": "close", "code": int(code), "reason": reason}, separators=(",", ":")).encode()
+                data = frame(final) + data
+            with trio.move_on_after(self._write_timeout) as bounded:
+                async with self._lock:
+                    if self._broken:
+                        return
+                    if self._unsent is not None:
+                        await self._write(b"")  # the rest of the interrupted batch first
+                    await self._write(data)
+            if bounded.cancelled_caught:
+                logger.debug("the close (%d) of a connection could not be written in time", code)
+                self.peer_gone = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.peer_gone = True
+        finally:
+            self.close_sent.set()
+            reading = self.reading
+            if reading is not None:
+                # The client has a moment to answer the close; one that cannot
+                # be written to gets none.
+                grace = 0.0 if self.peer_gone else CLOSE_GRACE
+                reading.deadline = min(reading.deadline, trio.current_time() + grace)
+
+    async def _write(self, data: bytes) -> None:
+        """Write ``data`` (after the rest of an interrupted write); cancellable,
+        keeping track of what did not go out."""
+        socket = self._socket
+        if socket is None:
+            if self._broken:
+                raise trio.BrokenResourceError("an earlier write was interrupted")
+            try:
+                await self._stream.send_all(data)
+            except trio.Cancelled:
+                self._broken = True  # a TLS record may be half written
+                raise
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.peer_gone = True
+                raise trio.BrokenResourceError(f"WebSocket send failed: {type(exc).__name__}") from None
+            return
+        view = self._unsent if self._unsent is not None else None
+        if view is not None:
+            self._unsent = None
+            if data:
+                view = memoryview(bytes(view) + data)
+        else:
+            view = memoryview(data)
+        try:
+            while view:
+                sent = await socket.send(view)
+                view = view[sent:]
+        except trio.Cancelled:
+            self._unsent = view if view else None
+            raise
+        except OSError as exc:
+            self.peer_gone = True
+            raise trio.BrokenResourceError(f"WebSocket send failed: {exc}") from None
+
+
+# -- the server -----------------------------------------------------------------------
+
+
+class NativeServer:
+    """Serves an :class:`EnsembleApp` on trio streams (see the module doc).
+
+    Args:
+        app: The running app (inside :meth:`EnsembleApp.running`).
+        tls: Whether the streams are TLS (the scope's scheme).
+    """
+
+    def __init__(self, app: EnsembleApp, *, tls: bool = False) -> None:
+        self.app = app
+        self.config: ServerConfig = app.config
+        self.tls = tls
+        self.cache = FrameCache()
+        self.connections = 0
+        self.idle = trio.Event()
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """One client connection, from its first byte to its close."""
+        self.connections += 1
+        if self.idle.is_set():
+            self.idle = trio.Event()
+        try:
+            await self._handle(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            pass
+        except Exception:
+            logger.exception("a native connection failed")
+        finally:
+            self.connections -= 1
+            if not self.connections:
+                self.idle.set()
+            await trio.aclose_forcefully(stream)
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        limits = self.config.limits
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_handshake_bytes)
+        request: h11.Request | None = None
+        with trio.move_on_after(limits.handshake_timeout):
+            if isinstance(stream, trio.SSLStream):
+                await stream.do_handshake()
+            request = await _read_request(stream, conn)
+        if request is None:
+            return  # too slow, gone, or answered 400 already
+        scope = self._scope(stream, request)
+        if _is_upgrade(request) and _app_path(scope) == WS_PATH:
+            trailing, _ = conn.trailing_data
+            await self._websocket(stream, scope, request, bytes(trailing))
+        else:
+            await self._http(stream, conn, scope)
+
+    # -- WebSocket ----------------------------------------------------------------
+
+    async def _websocket(self, stream: trio.abc.Stream, scope: Scope, request: h11.Request, initial: bytes) -> None:
+        headers = dict(request.headers)
+        key = headers.get(b"sec-websocket-key", b"").decode("latin-1")
+        if headers.get(b"sec-websocket-version") != b"13":
+            await _respond(stream, 426, b"unsupported WebSocket version", [(b"sec-websocket-version", b"13")])
+            return
+        if request.method != b"GET" or not valid_key(key):
+            await _respond(stream, 400, b"invalid WebSocket handshake")
+            return
+        app = self.app
+        admission = await app.admit(scope)
+        if admission.refusal is not None:
+            refusal = app.refusal(scope, *admission.refusal)
+            if refusal.status is not None:
+                await _respond(stream, refusal.status, refusal.body, [(b"content-type", b"application/json")])
+                return
+            await stream.send_all(_accept(key, refusal.subprotocol) + close_frame(int(refusal.code), refusal.reason))
+            await self._await_close(stream)
+            return
+        assert admission.handshake is not None
+        await stream.send_all(_accept(key, admission.handshake.subprotocol))
+        transport = NativeWebSocketTransport(stream, self.cache, app.counters, write_timeout=self.config.limits.write_timeout)
+        async with app.connection(transport, admission.identity, kind="native", client=scope.get("client")) as connection_id:
+            if connection_id is None:
+                await self._await_close(stream)
+                return
+            with trio.CancelScope() as reading:
+                transport.reading = reading
+                await self._read(stream, transport, connection_id, initial)
+
+    async def _read(self, stream: trio.abc.Stream, transport: NativeWebSocketTransport, connection_id: str, initial: bytes) -> None:
+        """Hand each client message to the app until the client leaves or the close ends."""
+        app = self.app
+        counters = app.counters
+        max_size = self.config.limits.max_message_size
+        ws = Connection(ConnectionType.SERVER)
+        parts: list[str] = []
+        size = 0
+        data = initial
+        while True:
+            if data:
+                ws.receive_data(data)
+                for event in ws.events():
+                    if transport.closed:
+                        if isinstance(event, CloseConnection):
+                            return  # the client's answer to our close
+                        continue  # read and drop until then
+                    if isinstance(event, TextMessage):
+                        size += len(event.data)
+                        if size > max_size:
+                            counters.protocol_errors += 1
+                            await app.close_connection(connection_id, CloseCode.MESSAGE_TOO_BIG, "message too big")
+                            parts.clear()
+                            continue
+                        parts.append(event.data)
+                        if event.message_finished:
+                            text = parts[0] if len(parts) == 1 else "".join(parts)
+                            parts.clear()
+                            size = 0
+                            await app.client_frame(connection_id, text)
+                    elif isinstance(event, BytesMessage):
+                        if event.message_finished:
+                            counters.protocol_errors += 1
+                            await app.close_connection(connection_id, CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+                    elif isinstance(event, Ping):
+                        await transport.control(frame(bytes(event.payload), OP_PONG))
+                    elif isinstance(event, Pong):
+                        pass  # the heartbeat pings in the protocol, not with ping frames
+                    elif isinstance(event, CloseConnection):
+                        if ws.state is ConnectionState.REMOTE_CLOSING:
+                            # The client closes: our close frame (1000) is the answer.
+                            await app.close_connection(connection_id, CloseCode.NORMAL, "client went away")
+                            return
+                        # A protocol violation wsproto found (1002, 1007): close with its code.
+                        counters.protocol_errors += 1
+                        await app.close_connection(connection_id, _violation(event.code), event.reason or "protocol error")
+                        return
+            try:
+                data = bytes(await stream.receive_some(RECEIVE_SIZE))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                transport.peer_gone = True
+                await app.close_connection(connection_id, CloseCode.NORMAL, "client went away")
+                return
+
+    async def _await_close(self, stream: trio.abc.Stream) -> None:
+        """After a refusal's close frame: give the client a moment to answer."""
+        with trio.move_on_after(CLOSE_GRACE):
+            while await stream.receive_some(RECEIVE_SIZE):
+                pass
+
+    # -- HTTP ---------------------------------------------------------------------
+
+    async def _http(self, stream: trio.abc.Stream, conn: h11.Connection, scope: Scope) -> None:
+        """One plain HTTP request, answered by the app (health, metrics, API, page)."""
+        body: list[bytes] = []
+        size = 0
+        with trio.move_on_after(self.config.limits.handshake_timeout) as reading:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = bytes(await stream.receive_some(RECEIVE_SIZE))
+                    conn.receive_data(data)
+                    if not data and conn.their_state is not h11.DONE:
+                        return
+                    continue
+                if isinstance(event, h11.Data):
+                    size += len(event.data)
+                    if size > MAX_HTTP_BODY:
+                        await _respond(stream, 413, b"request body too large")
+                        return
+                    body.append(bytes(event.data))
+                    continue
+                if isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
+                    break
+                if isinstance(event, h11.ConnectionClosed):
+                    return
+        if reading.cancelled_caught:
+            await _respond(stream, 408, b"request timeout")
+            return
+        response = _HttpResponse(stream)
+        sent_request = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent_request
+            if not sent_request:
+                sent_request = True
+                return {"type": "http.request", "body": b"".join(body), "more_body": False}
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
+
+        await self.app({**scope, "type": "http"}, receive, response.send)
+        if not response.started:
+            await _respond(stream, 500, b"internal error")
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _scope(self, stream: trio.abc.Stream, request: h11.Request) -> Scope:
+        target = bytes(request.target)
+        raw_path, _, query = target.partition(b"?")
+        headers = [(bytes(name).lower(), bytes(value)) for name, value in request.headers]
+        subprotocols = [
+            item.strip() for name, value in headers if name == b"sec-websocket-protocol" for item in value.decode("latin-1").split(",")
+        ]
+        socket_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        client = server = None
+        sock = getattr(socket_stream, "socket", None)
+        if sock is not None:
+            try:
+                client = tuple(sock.getpeername()[:2])
+                server = tuple(sock.getsockname()[:2])
+            except OSError:
+                pass
+        return {
+            "type": "websocket",
+            "asgi": {"version": "3.0"},
+            "http_version": request.http_version.decode("ascii"),
+            "method": request.method.decode("ascii"),
+            "scheme": ("wss" if self.tls else "ws") if _is_upgrade(request) else ("https" if self.tls else "http"),
+            "path": unquote(raw_path.decode("latin-1")),
+            "raw_path": raw_path,
+            "query_string": query,
+            "root_path": "",
+            "headers": headers,
+            "client": client,
+            "server": server,
+            "subprotocols": [item for item in subprotocols if item],
+            "extensions": {},
+        }
+
+
+class _HttpResponse:
+    """Collects an ASGI HTTP response and writes it (``Connection: close``)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.started = False
+        self.status = 500
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.done = False
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        """The ASGI ``send`` of the request."""
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.started = True
+            self.status = int(message["status"])
+            self.headers = [(bytes(name), bytes(value)) for name, value in message.get("headers", [])]
+        elif kind == "http.response.body" and not self.done:
+            self.body.append(bytes(message.get("body", b"")))
+            if not message.get("more_body", False):
+                self.done = True
+                await _respond(self.stream, self.status, b"".join(self.body), self.headers, content_type=None)
+
+
+# -- HTTP/1.1 helpers -------------------------------------------------------------------
+
+
+async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request | None:
+    """Read a request head; a malformed or oversized one is answered 400/431 (``None``)."""
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            await _respond(stream, 431 if status == 431 else status, b"bad request")
+            return None
+        if event is h11.NEED_DATA:
+            data = bytes(await stream.receive_some(RECEIVE_SIZE))
+            if not data:
+                return None
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            return event
+        return None
+
+
+def _is_upgrade(request: h11.Request) -> bool:
+    upgrade = connection = b""
+    for name, value in request.headers:
+        if name == b"upgrade":
+            upgrade = bytes(value).lower()
+        elif name == b"connection":
+            connection = bytes(value).lower()
+    return upgrade == b"websocket" and b"upgrade" in [token.strip() for token in connection.split(b",")]
+
+
+def _accept(key: str, subprotocol: str | None) -> bytes:
+    lines = [
+        b"HTTP/1.1 101 Switching Protocols",
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Accept: " + accept_key(key).encode("ascii"),
+    ]
+    if subprotocol is not None:
+        lines.append(b"Sec-WebSocket-Protocol: " + subprotocol.encode("latin-1"))
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+_REASONS: Final = {
+    200: b"OK",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    426: b"Upgrade Required",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
+
+
+async def _respond(
+    stream: trio.abc.Stream,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    *,
+    content_type: bytes | None = b"text/plain; charset=utf-8",
+) -> None:
+    """Write a whole HTTP/1.1 response and mark the connection for closing."""
+    out = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Status"))]
+    names = set()
+    for name, value in headers or ():
+        lowered = name.lower()
+        if lowered in (b"content-length", b"connection", b"transfer-encoding"):
+            continue
+        names.add(lowered)
+        out.append(name + b": " + value)
+    if content_type is not None and b"content-type" not in names:
+        out.append(b"Content-Type: " + content_type)
+    out.append(b"Content-Length: %d" % len(body))
+    out.append(b"Connection: close")
+    with trio.move_on_after(CLOSE_GRACE):
+        await stream.send_all(b"\r\n".join(out) + b"\r\n\r\n" + body)
+
+
+def _violation(code: int) -> CloseCode:
+    """The close code for a WebSocket-level violation wsproto reported."""
+    try:
+        return CloseCode(code)
+    except ValueError:
+        return CloseCode.PROTOCOL_ERROR
+
+
+# -- serving ----------------------------------------------------------------------------
+
+
+def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The server's TLS context (``None`` without ``tls_certfile``)."""
+    if config.tls_certfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_certfile, config.tls_keyfile)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+async def serve_native(
+    app: EnsembleApp,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[object]],
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``app`` on the native transport until ``shutdown_trigger`` returns.
+
+    The app runs (:meth:`EnsembleApp.running`) for the whole call. When the
+    trigger returns (it drains the app: clients are closed with 1001), the
+    listeners stop and the connections still open get a short grace.
+
+    Args:
+        app: The app to serve (not running yet).
+        shutdown_trigger: Awaited; its return starts the shutdown.
+        task_status: Given the bound addresses (``["http://127.0.0.1:8000"]``).
+    """
+    config = app.config
+    context = ssl_context(config)
+    backlog = max(4096, min(config.limits.max_connections, 65535))
+    async with app.running():
+        listeners: list[Any] = await trio.open_tcp_listeners(config.port, host=config.host, backlog=backlog)
+        urls = []
+        for listener in listeners:
+            set_write_timeout(listener.socket, config.limits.write_timeout)
+            host, port = listener.socket.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            urls.append(f"{'https' if context else 'http'}://{shown}:{port}")
+        if context is not None:
+            listeners = [trio.SSLListener(listener, context, https_compatible=True) for listener in listeners]
+        server = NativeServer(app, tls=context is not None)
+        async with trio.open_nursery() as nursery:
+            connections = await nursery.start(_connections_nursery)
+            listening = await nursery.start(_listen, server, listeners, connections)
+            task_status.started(urls)
+            await shutdown_trigger()
+            listening.cancel()
+            with trio.move_on_after(min(CLOSE_GRACE, config.shutdown_timeout / 4)):
+                if server.connections:
+                    await server.idle.wait()
+            nursery.cancel_scope.cancel()
+
+
+async def _connections_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()
+
+
+async def _listen(
+    server: NativeServer,
+    listeners: list[Any],
+    connections: trio.Nursery,
+    *,
+    task_status: trio.TaskStatus[trio.CancelScope],
+) -> None:
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        await trio.serve_listeners(server.handle, listeners, handler_nursery=connections)
