@@ -736,7 +736,8 @@ class EnsembleApp:
                 counters.protocol_errors += 1
                 await self.close_connection(connection_id, CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
                 continue
-            if len(text) > max_size:  # hypercorn has the same limit; a mounted app's server may not
+            # Hypercorn has a limit too (counted in characters); a mounted app's server may not.
+            if len(text) > max_size or (not text.isascii() and len(text.encode("utf-8")) > max_size):
                 counters.protocol_errors += 1
                 await self.close_connection(connection_id, CloseCode.MESSAGE_TOO_BIG, "message too big")
                 continue

@@ -323,13 +323,14 @@ class NativeServer:
                             return  # the client's answer to our close
                         continue  # read and drop until then
                     if isinstance(event, TextMessage):
-                        size += len(event.data)
+                        chunk = event.data
+                        size += len(chunk) if chunk.isascii() else len(chunk.encode("utf-8"))
                         if size > max_size:
                             counters.protocol_errors += 1
                             await app.close_connection(connection_id, CloseCode.MESSAGE_TOO_BIG, "message too big")
                             parts.clear()
                             continue
-                        parts.append(event.data)
+                        parts.append(chunk)
                         if event.message_finished:
                             text = parts[0] if len(parts) == 1 else "".join(parts)
                             parts.clear()
