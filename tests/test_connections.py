@@ -677,6 +677,8 @@ async def test_inbound_rate_limit_rejects_then_closes(supervisor: Supervisor, au
     with pytest.raises(RateLimited) as limited:
         await manager.receive(info.connection_id, 3)
     assert limited.value.retry_after > 0
+    # The delay is in retry_after only: the text does not vary with timing.
+    assert str(limited.value) == "rate limited: too many messages; retry after retry_after seconds"
     await trio.sleep(limited.value.retry_after)
     await manager.receive(info.connection_id, 4)  # an accepted message resets the count of violations
     # Within the same virtual instant: accepted until the windows are full,

@@ -638,3 +638,120 @@ async def test_an_on_message_handler_may_authenticate_its_own_connection(autojum
         assert hub.connections.get_connection(anon.connection_id).user_id == "bob"  # type: ignore[union-attr]
         await settle()
         assert [e["data"]["id"] for e in of_type(transport, "notification")] == [missed.id]
+
+
+# -- membership ending takes the room out of the connections' room index ----------------------
+
+
+@pytest.mark.parametrize("how", ["kick", "ban", "leave"])
+async def test_a_member_removed_from_a_room_is_out_of_it_on_every_connection(autojump_clock: trio.testing.MockClock, how: str) -> None:
+    async with hub_with() as hub:
+        phone, laptop, olga_screen = MemoryTransport(), MemoryTransport(), MemoryTransport()
+        alice_phone = await hub.connect(phone, "alice")
+        alice_laptop = await hub.connect(laptop, "alice")
+        olga = await hub.connect(olga_screen, "olga")
+        for conn in (alice_phone, alice_laptop, olga):
+            await hub.join_room(conn.connection_id, "general")
+        await hub.join_room(alice_laptop.connection_id, "other")
+        room = await hub.room("general")
+        if how == "kick":
+            assert await room.kick("alice", "bye")
+        elif how == "ban":
+            assert await room.ban("alice", "spam")
+        else:
+            assert await room.leave("alice")  # another device (or server code) ends the membership
+        await settle()
+        expected = {"kick": "kicked", "ban": "banned", "leave": "member_left"}[how]
+        for transport in (phone, laptop):
+            # The event that says why reaches every device, and is the room's last one there.
+            assert [e["type"] for e in transport.events if e["topic"] == "room:general"][-1] == expected
+        assert hub.connections.get_connection_rooms(alice_phone.connection_id) == set()
+        assert hub.connections.get_connection_rooms(alice_laptop.connection_id) == {"other"}
+        assert hub.connections.get_connection_rooms(olga.connection_id) == {"general"}
+        assert [c.connection_id for c in hub.connections.get_room_connections("general")] == [olga.connection_id]
+        assert (await room.statistics()).subscribers == 1
+        assert not await hub.leave_room(alice_phone.connection_id, "general")  # nothing left to leave
+        await room.send_message("olga", "after")
+        await settle()
+        assert not [e for e in phone.events if e["type"] == "message"]
+        if how != "ban":  # joining again puts the connection back in the room
+            await hub.join_room(alice_phone.connection_id, "general")
+            assert hub.connections.get_connection_rooms(alice_phone.connection_id) == {"general"}
+
+
+async def test_a_member_gone_at_a_restart_is_out_of_the_room_on_every_connection(autojump_clock: trio.testing.MockClock) -> None:
+    from ensemble.realtime._room_store import RemoveMember
+
+    store = InMemoryRoomStore()
+    async with open_hub(room_store=store) as hub:
+        screen = MemoryTransport()
+        alice = await hub.connect(screen, "alice")
+        olga = await hub.connect(MemoryTransport(), "olga")
+        for conn in (alice, olga):
+            await hub.join_room(conn.connection_id, "general")
+        await store.apply("general", [RemoveMember("alice")])  # the store changed under the room ...
+        await crash_until_given_up(hub, "general", 1)  # ... which finds it at its restart
+        assert hub.connections.get_connection_rooms(alice.connection_id) == set()
+        assert hub.connections.get_connection_rooms(olga.connection_id) == {"general"}
+        assert not of_type(screen, "room_reset")  # not subscribed any more
+
+
+async def test_a_membership_ended_while_join_room_returns_leaves_no_room_in_the_index(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ensemble.realtime import _hub
+
+    async with hub_with() as hub:
+        alice = await hub.connect(MemoryTransport(), "alice")
+        join_connection = _hub.Room.join_connection
+
+        async def then_kicked(self: Any, *args: Any, **kwargs: Any) -> Any:
+            joined = await join_connection(self, *args, **kwargs)
+            await self.kick("alice")  # handled after the join's reply, before join_room goes on
+            return joined
+
+        monkeypatch.setattr(_hub.Room, "join_connection", then_kicked)
+        joined = await hub.join_room(alice.connection_id, "general")
+        assert joined.member.user_id == "alice"
+        assert hub.connections.get_connection_rooms(alice.connection_id) == set()
+        assert hub.connections.get_room_connections("general") == []
+
+
+# -- a room's config across restarts ----------------------------------------------------------
+
+
+async def test_a_room_reconfigured_at_runtime_keeps_its_config_across_crash_restarts(autojump_clock: trio.testing.MockClock) -> None:
+    store = InMemoryRoomStore()
+    async with open_hub(HubConfig(room_max_restarts=5), room_store=store) as hub:
+        room = await hub.room("r", RoomConfig(max_members=5))
+        await room.join("a", "A")
+        await hub.room("r", RoomConfig(max_members=1))  # running: applied and stored
+        await crash_until_given_up(hub, "r", 1)
+        with pytest.raises(PermissionError):
+            await room.join("b", "B")  # still full after the restart
+        await room.configure(RoomConfig(max_members=2))
+        await crash_until_given_up(hub, "r", 1)
+        await room.join("b", "B")
+        with pytest.raises(PermissionError):
+            await room.join("c", "C")
+        assert room.ref.statistics().restarts == 2
+        record = await store.load("r")
+        assert record is not None
+        assert record.config.max_members == 2
+
+
+async def test_a_room_started_from_the_store_takes_its_stored_config(autojump_clock: trio.testing.MockClock) -> None:
+    store = InMemoryRoomStore()
+    config = HubConfig(room=RoomConfig(max_members=50, idle_timeout=10.0))
+    async with open_hub(config, room_store=store) as hub:
+        room = await hub.room("r", RoomConfig(max_members=5, idle_timeout=10.0))
+        await room.join("a", "A")
+        await room.configure(RoomConfig(max_members=1, idle_timeout=10.0))
+        await trio.sleep(30)
+        assert hub.rooms_running() == []  # stopped idle
+        again = await hub.room("r")  # no config: the stored one, not the hub's default
+        with pytest.raises(PermissionError):
+            await again.join("b", "B")
+        await crash_until_given_up(hub, "r", 1)
+        with pytest.raises(PermissionError):
+            await again.join("b", "B")

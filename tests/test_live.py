@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
 import pytest
 import trio
+from _doc_faults import crash_mid_publish
 
+from ensemble import HubConfig, MemoryTransport, WSRateLimitConfig, open_hub
 from ensemble.actors import ActorCrashed, Supervisor
+from ensemble.realtime import Hub
 from ensemble.realtime._errors import HistoryUnavailable, NotFound
 from ensemble.realtime._events import CHANGE, Event
 from ensemble.realtime._live import (
@@ -21,6 +26,7 @@ from ensemble.realtime._live import (
     start_live_query,
 )
 from ensemble.realtime._models import ModelChange
+from ensemble.server import Identity, ProtocolHandler
 from ensemble.testing import FaultInjector
 
 
@@ -572,11 +578,132 @@ async def test_a_crash_while_publishing_is_never_a_silent_gap(supervisor: Superv
     with pytest.raises(WatchOverflowed, match="restarted") as ended:
         queue.receive_nowait()
     assert ended.value.version == 1
+    # The reset ended every Post watch: no later change reaches them.
+    assert live.statistics().watchers == 1  # the User watch
     # Resuming from the last version each had gives exactly what was missed.
     resumed = live.subscription(await live.watch("Post", since=ended.value.version, epoch=live.epoch))
     assert seen(resumed) == [("create", 2)]
+    await live.watch("Post", subscriber=buggy, since=1, epoch=live.epoch)
     await live.notify_create("Post", 3, {"n": 3})
-    assert [event.data["pk"] for event in buggy.events if event.type == "change"] == [1, 3]
+    assert [event.data["pk"] for event in buggy.events if event.type == "change"] == [1, 2, 3]
+    assert [event.type for event in calm.events] == ["change", "change", "live_reset"]
+    assert seen(resumed) == [("create", 3)]
+
+
+def topics(recorder: Recorder) -> list[tuple[str, str, Any]]:
+    return [(event.type, event.topic, event.seq) for event in recorder.events]
+
+
+async def test_a_reset_ends_the_connection_watch_and_since_resumes_exactly(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    live = await start(supervisor)
+    connection = Recorder("c1")
+    buggy = Exploding("c2", explode_on=2)
+    old = await live.watch("Post", subscriber=buggy)  # delivered first: it raises before c1 gets version 2
+    watch = await live.watch("Post", subscriber=connection)
+    await live.notify_create("Post", 1, {"n": 1})
+    with pytest.raises(ActorCrashed):
+        await live.notify_create("Post", 2, {"n": 2})
+    assert await live.version("Post") == 2  # handled after the restarted actor's reset
+    reset = Event(type="live_reset", topic=f"live:{watch}", data={"model": "Post", "version": 2, "epoch": live.epoch})
+    assert connection.events[-1] == reset
+    assert topics(connection) == [("change", f"live:{watch}", 1), ("live_reset", f"live:{watch}", None)]
+    # The watches are ended: unwatching them finds nothing, and a later
+    # change goes nowhere (no watcher of Post is left).
+    assert await live.active([watch, old, "lq-unknown"]) == frozenset()
+    assert live.statistics().watchers == 0
+    await live.notify_create("Post", 3, {"n": 3})
+    assert await live.unwatch(watch) is False
+    assert topics(connection)[-1][0] == "live_reset"
+    # Watching again since the last version received (1): the missed
+    # changes once, in order, then the live ones, on the new topic only.
+    again = await live.watch("Post", subscriber=connection, since=1, epoch=live.epoch)
+    assert await live.active([watch, again]) == {again}
+    await live.notify_create("Post", 4, {"n": 4})
+    after = connection.events[2:]
+    assert [(e.type, e.topic, e.seq, e.data["pk"]) for e in after] == [("change", f"live:{again}", v, v) for v in (2, 3, 4)]
+
+
+async def test_no_change_queued_behind_the_crash_reaches_an_ended_watch(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    # Changes notified while the crashing one is handled wait in the mailbox;
+    # the restarted actor ends the watches before it handles them.
+    live = await start(supervisor)
+    buggy = Exploding("c1", explode_on=1)
+    watch = await live.watch("Post", subscriber=buggy)
+    crashed: list[int] = []
+
+    async def notify(pk: int) -> None:
+        try:
+            await live.notify_create("Post", pk, {"n": pk})
+        except ActorCrashed:
+            crashed.append(pk)
+
+    async with trio.open_nursery() as nursery:
+        for pk in (1, 2, 3):
+            nursery.start_soon(notify, pk)
+            await trio.lowlevel.checkpoint()  # queued in this order
+    assert crashed == [1]
+    assert topics(buggy) == [("live_reset", f"live:{watch}", None)]
+    assert buggy.events[0].data["version"] == 1
+    await live.watch("Post", subscriber=buggy, since=0, epoch=live.epoch)
+    assert [event.data["pk"] for event in buggy.events[1:]] == [1, 2, 3]
+
+
+async def test_a_reset_ends_every_watch_of_the_model_whatever_its_filters(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    live = await start(supervisor)
+    buggy = Exploding("buggy", explode_on=1)
+    open_orders = Recorder("open")
+    big = Recorder("big")
+    everything = Recorder("all")
+    none = Recorder("none")
+    shared = Recorder("shared")
+    users = Recorder("users")
+    await live.notify_create("Order", 1, {"status": "open", "total": 5})
+    await live.watch("Order", subscriber=buggy)  # first: raises on version 2, before the others get it
+    watches = {
+        open_orders: await live.watch("Order", {"status": "open"}, subscriber=open_orders),
+        big: await live.watch("Order", lambda row: int(str(row.get("total", 0))) > 10, subscriber=big),
+        everything: await live.watch("Order", subscriber=everything),
+        none: await live.watch("Order", {"status": "lost"}, subscriber=none),
+    }
+    # Two watches of one connection on one topic, with different filters.
+    await live.watch("Order", {"status": "open"}, subscriber=shared, topic="orders")
+    await live.watch("Order", {"status": "shipped"}, subscriber=shared, topic="orders")
+    user_watch = await live.watch("User", subscriber=users)
+
+    with pytest.raises(ActorCrashed):
+        await live.notify_update("Order", 1, {"total": 20})  # version 2
+    assert everything.events == []  # not published to it
+    await live.notify_update("Order", 1, {"status": "shipped"})  # version 3, after the reset
+    for recorder, watch in watches.items():
+        assert topics(recorder) == [("live_reset", f"live:{watch}", None)], recorder.connection_id
+    assert topics(shared) == [("live_reset", "orders", None)] * 2
+    assert shared.events[0] is shared.events[1]  # one event per topic
+    assert users.events == []
+    assert await live.active([*watches.values(), user_watch]) == {user_watch}
+    assert live.statistics().watchers == 1
+
+    # Each resumes since the last version it received (1, the version at its
+    # watch): exactly what its filter admits of versions 2 and 3.
+    expected = {
+        open_orders: [("update", 2), ("leave", 3)],
+        big: [("enter", 2), ("update", 3)],
+        everything: [("update", 2), ("update", 3)],
+        none: [],
+    }
+    for recorder in expected:
+        recorder.events.clear()
+    for recorder, filters in (
+        (open_orders, {"status": "open"}),
+        (big, lambda row: int(str(row.get("total", 0))) > 10),
+        (everything, None),
+        (none, {"status": "lost"}),
+    ):
+        await live.watch("Order", filters, subscriber=recorder, since=1, epoch=live.epoch)
+    await live.notify_update("Order", 1, {"total": 30})  # version 4: shipped, 30
+    expected[big].append(("update", 4))
+    expected[everything].append(("update", 4))
+    for recorder, actions in expected.items():
+        assert [(e.data["action"], e.seq) for e in recorder.events] == actions, recorder.connection_id
 
 
 async def test_a_handler_may_notify_without_deadlock(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
@@ -591,3 +718,104 @@ async def test_a_handler_may_notify_without_deadlock(supervisor: Supervisor, aut
         await live.notify_create("Comment", 7, {"post": 1})
         assert await live.version("Post") == 1  # queued behind the Comment change, handled before this ask
     assert [(c.action, c.data) for c in drain(queue)] == [("update", {"comments": 7})]
+
+
+# -- over the protocol handler: the connection's watches --------------------------------
+
+
+class Client:
+    """A protocol client over MemoryTransport (as in tests/test_protocol_handler.py)."""
+
+    def __init__(self, handler: ProtocolHandler, transport: MemoryTransport, connection_id: str) -> None:
+        self.handler = handler
+        self.transport = transport
+        self.id = connection_id
+        self._seen = 0
+        self._refs = 0
+
+    async def ask(self, frame: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Send a command; return its answer and the frames that came before it."""
+        self._refs += 1
+        frame["ref"] = self._refs
+        await self.handler.frame(self.id, json.dumps(frame))
+        before = []
+        for received in await self.new():
+            if received.get("ref") == self._refs and received["type"] in {"reply", "error"}:
+                return received, before
+            before.append(received)
+        raise AssertionError(f"no answer to {frame}")
+
+    async def new(self) -> list[dict[str, Any]]:
+        await trio.sleep(0.1)
+        frames = [json.loads(line) for sent in self.transport.sent for line in sent.split(b"\n")]
+        fresh, self._seen = frames[self._seen :], len(frames)
+        return fresh
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[Hub]:
+    config = HubConfig(rate_limit=WSRateLimitConfig(messages_per_second=1000, messages_per_minute=100000, burst_size=1000))
+    async with open_hub(config) as hub:
+        yield hub
+
+
+async def connect(handler: ProtocolHandler, user: str) -> Client:
+    transport = MemoryTransport()
+    info = await handler.open(transport, Identity(user_id=user))
+    client = Client(handler, transport, info.connection_id)
+    await client.new()  # the welcome
+    return client
+
+
+def changes(frames: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    return [(f["topic"], f["data"]["action"], f["seq"]) for f in frames if f["type"] == "change"]
+
+
+async def test_a_connection_rewatches_after_live_reset_without_loss_or_duplicates(hub: Hub, autojump_clock: trio.abc.Clock) -> None:
+    handler = ProtocolHandler(hub, watchable_models="*", max_watches_per_connection=2).install()
+    alice = await connect(handler, "alice")
+    bob = await connect(handler, "bob")
+    live = hub.live
+    await live.notify_create("Order", 1, {"status": "open", "total": 10})
+    a1, _ = await alice.ask({"type": "watch", "model": "Order"})
+    a2, _ = await alice.ask({"type": "watch", "model": "Order", "filters": {"status": "shipped"}})
+    b1, _ = await bob.ask({"type": "watch", "model": "Order", "filters": {"status": "open"}})
+    old = {a1["data"]["id"], a2["data"]["id"], b1["data"]["id"]}
+
+    await crash_mid_publish(live, live.notify_update("Order", 1, {"total": 12}))  # version 2
+    await live.notify_update("Order", 1, {"total": 14})  # version 3: after the reset
+    epoch = live.epoch
+    for client, watches in ((alice, (a1, a2)), (bob, (b1,))):
+        frames = await client.new()
+        # Every watch of the model is reset (whatever its filter) and ended:
+        # no change after the reset on its topic.
+        resets = [f for f in frames if f["type"] == "live_reset"]
+        assert [f["topic"] for f in resets] == [f"live:{w['data']['id']}" for w in watches]
+        assert all(f["data"] == {"model": "Order", "version": 2, "epoch": epoch} for f in resets)
+        last = max(i for i, f in enumerate(frames) if f["type"] == "live_reset")
+        assert changes(frames[last:]) == []
+    assert await live.active(old) == frozenset()
+
+    # Unwatching an ended watch answers as for any watch the connection does not have.
+    answer, _ = await alice.ask({"type": "unwatch", "id": a1["data"]["id"]})
+    assert (answer["type"], answer["code"]) == ("error", "not_found")
+    # The ended watches no longer count against the limit (2): alice watches
+    # again twice, since the last version she received (1).
+    again, replayed = await alice.ask({"type": "watch", "model": "Order", "since": 1, "epoch": epoch})
+    topic = f"live:{again['data']['id']}"
+    assert again["data"]["version"] == 3
+    assert changes(replayed) == [(topic, "update", 2), (topic, "update", 3)]
+    shipped, replayed = await alice.ask({"type": "watch", "model": "Order", "filters": {"status": "shipped"}, "since": 1})
+    assert shipped["type"] == "reply"
+    assert changes(replayed) == []
+    answer, _ = await alice.ask({"type": "watch", "model": "Order"})
+    assert answer["code"] == "too_many_watches"
+    rewatched, replayed = await bob.ask({"type": "watch", "model": "Order", "filters": {"status": "open"}, "since": 1})
+    bob_topic = f"live:{rewatched['data']['id']}"
+    assert changes(replayed) == [(bob_topic, "update", 2), (bob_topic, "update", 3)]
+
+    await live.notify_update("Order", 1, {"status": "shipped"})  # version 4
+    assert changes(await alice.new()) == [(topic, "update", 4), (f"live:{shipped['data']['id']}", "enter", 4)]
+    assert changes(await bob.new()) == [(bob_topic, "leave", 4)]
+    answer, _ = await alice.ask({"type": "unwatch", "id": again["data"]["id"]})
+    assert answer["data"] == {"id": again["data"]["id"], "unwatched": True}

@@ -213,7 +213,7 @@ async def test_room_commands_and_events(handler: ProtocolHandler, hub: Hub) -> N
         "kicked": True,
     }
     assert "kicked" in [f["type"] for f in await alice.new()]
-    assert code_of(await alice.ask({"type": "send", "room": "general", "content": "still here?"})) in {"not_a_member", "not_joined"}
+    assert code_of(await alice.ask({"type": "send", "room": "general", "content": "still here?"})) == "not_joined"
 
     data_of(await alice.ask({"type": "join", "room": "general"}))
     assert data_of(await olga.ask({"type": "ban", "room": "general", "user": "alice", "reason": "spam"}))["banned"] is True
@@ -266,6 +266,44 @@ async def test_room_full_and_too_many_rooms(handler: ProtocolHandler, hub: Hub) 
     data_of(await alice.ask({"type": "join", "room": "a"}))  # joined already: fine
     await alice.ask({"type": "leave", "room": "a"})
     data_of(await alice.ask({"type": "join", "room": "c"}))
+
+
+@pytest.mark.parametrize("how", ["kick", "ban"])
+async def test_a_kicked_or_banned_user_no_longer_counts_the_room(hub: Hub, tokens: Tokens, how: str) -> None:
+    handler = ProtocolHandler(hub, authenticator=tokens, max_rooms_per_connection=2).install()
+    await (await hub.room("general")).join("olga", "Olga", "admin")
+    olga = await connect(handler, "olga")
+    alice = await connect(handler, "alice")
+    data_of(await olga.ask({"type": "join", "room": "general"}))
+    for room in ["general", "other"]:
+        data_of(await alice.ask({"type": "join", "room": room}))
+    assert code_of(await alice.ask({"type": "join", "room": "third"})) == "too_many_rooms"
+    data_of(await olga.ask({"type": how, "room": "general", "user": "alice"}))
+    seen = [(f["type"], f.get("topic")) for f in await alice.new()]
+    assert seen[-1] == ("kicked" if how == "kick" else "banned", "room:general")  # told first
+    data_of(await alice.ask({"type": "join", "room": "third"}))  # general no longer counts
+    assert code_of(await alice.ask({"type": "send", "room": "general", "content": "hi"})) == "not_joined"
+    assert data_of(await alice.ask({"type": "leave", "room": "general"}))["left"] is False
+
+
+async def test_a_membership_left_on_another_device_no_longer_counts_the_room(hub: Hub, tokens: Tokens) -> None:
+    handler = ProtocolHandler(hub, authenticator=tokens, max_rooms_per_connection=2).install()
+    laptop = await connect(handler, "bob")
+    phone = await connect(handler, "bob")
+    alice = await connect(handler, "alice")
+    data_of(await alice.ask({"type": "join", "room": "general"}))
+    for room in ["general", "other"]:
+        data_of(await phone.ask({"type": "join", "room": room}))
+    data_of(await laptop.ask({"type": "join", "room": "general"}))
+    assert code_of(await phone.ask({"type": "join", "room": "third"})) == "too_many_rooms"
+    left = data_of(await laptop.ask({"type": "leave", "room": "general", "membership": True}))
+    assert left == {"room_id": "general", "left": True, "membership_ended": True}
+    assert [(f["type"], f.get("topic")) for f in await phone.new()][-1] == ("member_left", "room:general")
+    data_of(await phone.ask({"type": "join", "room": "third"}))  # general no longer counts
+    assert code_of(await phone.ask({"type": "history", "room": "general"})) == "not_joined"
+    assert [c.user_id for c in hub.connections.get_room_connections("general")] == ["alice"]
+    members = data_of(await alice.ask({"type": "members", "room": "general"}))["members"]
+    assert [(m["user_id"], m["online"]) for m in members] == [("alice", True)]
 
 
 async def test_join_requests(handler: ProtocolHandler, hub: Hub) -> None:
@@ -440,11 +478,24 @@ async def test_rate_limited_error_then_4029(tokens: Tokens) -> None:
         assert frames[3]["code"] == "rate_limited"
         assert frames[3]["ref"] == 2
         assert frames[3]["retry_after"] > 0
+        assert frames[3]["detail"] == "rate limited: too many messages; retry after retry_after seconds"  # constant text
         assert alice.closed is None
         await alice.send({"type": "ping"})  # the third violation in a row
         await alice.new()
         assert alice.closed == CloseCode.RATE_LIMITED
         await alice.send({"type": "ping"})  # closed: ignored, no exception
+
+
+async def test_a_send_over_the_rooms_rate_limit_has_a_constant_detail(handler: ProtocolHandler, hub: Hub) -> None:
+    await hub.room("slow", RoomConfig(rate_limit=2))
+    alice = await connect(handler, "alice")
+    data_of(await alice.ask({"type": "join", "room": "slow"}))
+    for n in range(2):
+        data_of(await alice.ask({"type": "send", "room": "slow", "content": f"m{n}"}))
+    refused = await alice.ask({"type": "send", "room": "slow", "content": "too many"})
+    assert code_of(refused) == "rate_limited"
+    assert refused["detail"] == "'alice' sent 2 messages in the last minute; retry after retry_after seconds"
+    assert 59 < refused["retry_after"] <= 60
 
 
 async def test_internal_errors_are_logged_not_shown(handler: ProtocolHandler, hub: Hub, caplog: pytest.LogCaptureFixture) -> None:

@@ -188,6 +188,8 @@ async def test_rate_limit_is_per_user_per_minute_exactly(autojump_clock: Any) ->
             await h.room.send_message("alice", "too many")
         assert isinstance(limited.value, PermissionError)
         assert limited.value.retry_after == pytest.approx(40.0)
+        # The delay is in retry_after only: the text does not vary with timing.
+        assert str(limited.value) == "'alice' sent 3 messages in the last minute; retry after retry_after seconds"
         await h.room.send_message("bob", "bob is not limited")
         await trio.sleep_until(start + 59.9)
         with pytest.raises(RateLimited):
@@ -928,3 +930,38 @@ async def test_join_connection_with_since_joins_subscribes_and_replays_in_one_st
             await h.room.join_connection(Recorder("eve"), "Eve")
         with pytest.raises(TypeError):
             await h.room.join_connection(Recorder("carol"), "Carol", since="1")  # type: ignore[arg-type]
+
+
+async def test_a_configured_room_keeps_its_latest_config_across_a_crash_restart(autojump_clock: Any, fault_injector: FaultInjector) -> None:
+    store = InMemoryRoomStore()
+    async with running_room(RoomConfig(max_members=5, history_size=10), store=store) as h:
+        await h.room.join("alice", "Alice")
+        assert await h.room.configure(RoomConfig(max_members=1, history_size=10)) is True
+        fault_injector.crash_next(h.room.ref)
+        with pytest.raises(ActorCrashed):
+            await h.room.get_members()
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.room.ref.statistics().restarts == 1
+        with pytest.raises(RoomFull):  # the restart took the stored (latest) config, not the spec's
+            await h.room.join("bob", "Bob")
+        record = await store.load("general")
+        assert record is not None
+        assert record.config.max_members == 1
+        assert await h.room.configure(RoomConfig(max_members=1, history_size=10)) is False  # unchanged
+
+
+async def test_a_room_started_from_the_store_without_a_config_takes_the_stored_one(
+    autojump_clock: Any, fault_injector: FaultInjector
+) -> None:
+    store = InMemoryRoomStore()
+    await store.apply("general", [CreateRoom(RoomConfig(max_members=1), "epoch-1")])
+    async with running_room(None, store=store) as h:
+        await h.room.join("alice", "Alice")
+        with pytest.raises(RoomFull):
+            await h.room.join("bob", "Bob")
+        fault_injector.crash_next(h.room.ref)
+        with pytest.raises(ActorCrashed):
+            await h.room.get_members()
+        with pytest.raises(RoomFull):
+            await h.room.join("bob", "Bob")
+        assert (await h.room.statistics()).epoch == "epoch-1"

@@ -453,7 +453,8 @@ class _ConnectionActor(Actor):
                 logger.info("connection %s kept sending over its rate limit; closing it with %d", conn.connection_id, RATE_LIMITED)
                 await self._close(RATE_LIMITED, "rate limited")
                 raise _Rejected(RateLimited("rate limited: the connection is closed", retry_after=retry_after))
-            raise _Rejected(RateLimited(f"rate limited: retry after {retry_after:.3f} s", retry_after=retry_after))
+            # Constant text (documented frames pin it); the delay is the error's retry_after.
+            raise _Rejected(RateLimited("rate limited: too many messages; retry after retry_after seconds", retry_after=retry_after))
         conn.rate_violations = 0
         handler = manager.on_message
         if handler is None:

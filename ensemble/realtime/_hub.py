@@ -23,6 +23,14 @@ calls the room spec's ``on_given_up`` hook: every subscriber gets a ``room_close
 (``data``: ``room_id``, ``reason="failed"``) and is unsubscribed (also in the
 connection manager's room index); the next use of the room starts a fresh
 incarnation from the store, with no subscribers.
+
+The connection manager's room index (``ConnectionInfo.rooms``, what
+``max_rooms_per_connection`` counts) follows the rooms' subscriptions: a
+connection is put in a room when ``join_room`` subscribed it and taken out
+by ``leave_room``, when the room is given up on (above), and when the room
+unsubscribes it because its user's membership ended (kicked, banned, left
+from any device): the room's ``on_dropped`` hook, called after the event
+that says why was delivered.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import contextlib
 import functools
 import logging
 import tomllib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -299,6 +307,7 @@ class Hub:
             subscribers=registry,
             default_config=self.config.room,
             on_exit=self._room_exited,
+            on_dropped=self._room_dropped,
         )
         return attrs.evolve(
             spec,
@@ -312,6 +321,16 @@ class Hub:
         if not crashed and self._room_subscribers.get(room_id) is subscribers:
             # Stopped for good (idle, or shutdown): nobody uses the registry any more.
             del self._room_subscribers[room_id]
+
+    def _room_dropped(self, room_id: str, user_id: str, connection_ids: Sequence[str]) -> None:
+        """A room unsubscribed a user's connections: the membership ended (the rooms' ``on_dropped`` hook).
+
+        Takes the room out of those connections' room index, so it no longer
+        counts as joined (nor against ``max_rooms_per_connection``).
+        """
+        for connection_id in connection_ids:
+            self.connections.remove_room(connection_id, room_id)
+        logger.debug("room %s unsubscribed %d connections of %s, no longer a member", room_id, len(connection_ids), user_id)
 
     def _room_given_up(self, room_id: str, subscribers: SubscriberRegistry) -> None:
         current = self._room_subscribers.get(room_id)
@@ -516,6 +535,12 @@ class Hub:
             # Closed meanwhile, and cleaned up without this room: undo.
             await room.unsubscribe(connection_id)
             raise
+        registry = self._room_subscribers.get(room_id)
+        if registry is None or connection_id not in registry.by_connection:
+            # Unsubscribed after the room replied, before the index had the
+            # room (the membership ended, or the room was given up on): the
+            # room's hook found nothing to take out, so take it out here.
+            self.connections.remove_room(connection_id, room_id)
         return joined
 
     async def leave_room(self, connection_id: str, room_id: str) -> bool:

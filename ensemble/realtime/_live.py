@@ -56,12 +56,16 @@ Semantics:
   published (watchers have it queued, handlers ran); if the actor crashed on
   it, ``notify_*`` raises :class:`~ensemble.actors.ActorCrashed` (the change
   may not have reached every watcher, so the caller knows), and the restarted
-  actor tells that model's watchers to re-sync: a connection gets a
-  ``live_reset`` event (``data``: the model, its ``version`` and ``epoch``;
-  watch again ``since`` the last version it has), a subscriber-less watch is
-  ended with :class:`WatchOverflowed` (watch again ``since`` its
-  ``version``). A crash on any other message loses only that message.
-  (``notify_*`` called from inside a handler is queued, not awaited.)
+  actor ends every watch of that model (whatever its filters) before it
+  handles anything else, telling each to re-sync: a connection gets a
+  ``live_reset`` event on the watch's topic (``data``: the model, its
+  ``version`` and ``epoch``) and no further change on that topic, and
+  resumes with a new watch ``since`` the last version it has; a
+  subscriber-less watch is ended with :class:`WatchOverflowed` (watch again
+  ``since`` its ``version``). Either way the new watch gets exactly the
+  changes after that version once, with nothing lost or repeated. A crash on
+  any other message loses only that message. (``notify_*`` called from
+  inside a handler is queued, not awaited.)
 
 Delivery: a watch with a ``subscriber`` (a connection) receives
 ``Event(type="change", topic=..., data=change.to_dict(), seq=version,
@@ -312,6 +316,11 @@ class _Unwatch:
 
 
 @attrs.frozen
+class _Active:
+    subscription_ids: frozenset[str]
+
+
+@attrs.frozen
 class _UnwatchConnection:
     connection_id: str
 
@@ -359,17 +368,27 @@ class _LiveActor(Actor):
             self._reset_watchers(model)
 
     def _reset_watchers(self, model: str) -> None:
+        """End every watch of ``model``, telling each to re-sync.
+
+        Called from ``on_start``, before any message is handled: no later
+        change reaches an ended watch, and a new watch made after the reset
+        (with ``since``) is the only one that gets the missed changes.
+        """
         store = self._store
         version = store.versions.get(model, 0)
         data = {"model": model, "version": version, "epoch": store.epoch}
+        events: dict[str, Event] = {}  # per topic, shared as change events are
         for watcher in list(store.by_model.get(model, {}).values()):
             if watcher.subscriber is not None:
-                watcher.subscriber.deliver_nowait(Event(type=LIVE_RESET, topic=watcher.topic, data=data))
+                event = events.get(watcher.topic)
+                if event is None:
+                    event = events[watcher.topic] = Event(type=LIVE_RESET, topic=watcher.topic, data=data)
+                watcher.subscriber.deliver_nowait(event)
             elif watcher.state is not None:
                 watcher.state.overflowed = True
                 watcher.state.reason = "was ended: the live-query actor restarted"
-                self._remove(watcher.id)
-        logger.warning("live query restarted while publishing a change of %s; its watchers were told to re-sync", model)
+            self._remove(watcher.id)
+        logger.warning("live query restarted while publishing a change of %s; its watches were ended and told to re-sync", model)
 
     async def receive(self, message: Any) -> Any:
         if isinstance(message, _Notify):
@@ -385,6 +404,8 @@ class _LiveActor(Actor):
             return self._watch(message)
         if isinstance(message, _Unwatch):
             return self._remove(message.subscription_id)
+        if isinstance(message, _Active):
+            return message.subscription_ids & self._store.watchers.keys()
         if isinstance(message, _UnwatchConnection):
             ids = [
                 w.id
@@ -850,10 +871,24 @@ class LiveQuery:
         """End a watch.
 
         Returns:
-            Whether it existed.
+            Whether it existed: ``False`` also for a watch the actor ended
+            (a ``live_reset``, an overflow).
         """
         self._watches.pop(subscription_id, None)
         return bool(await self.ref.ask(_Unwatch(subscription_id)))
+
+    async def active(self, subscription_ids: Iterable[str]) -> frozenset[str]:
+        """Which of these watches are still active.
+
+        A watch stops being active when it is unwatched, or when the actor
+        ends it (a ``live_reset`` after a crash mid-publish, an overflow).
+        Whoever keeps a set of watch ids (the protocol handler, per
+        connection) can drop the others.
+
+        Returns:
+            The ids among ``subscription_ids`` that are active now.
+        """
+        return frozenset(await self.ref.ask(_Active(frozenset(subscription_ids))))
 
     async def unwatch_connection(self, connection_id: str) -> int:
         """End every watch whose subscriber has this ``connection_id``.

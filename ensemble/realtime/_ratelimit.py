@@ -250,7 +250,7 @@ class WebSocketRateLimiter:
         """
         if not self.check(connection_id):
             delay = self.retry_after(connection_id)
-            raise RateLimited(f"connection {connection_id!r} is rate limited; retry after {delay:.3f} s", retry_after=delay)
+            raise RateLimited(f"connection {connection_id!r} is rate limited; retry after retry_after seconds", retry_after=delay)
 
     def retry_after(self, connection_id: str) -> float:
         """Seconds until :meth:`check` would accept a message from a connection.

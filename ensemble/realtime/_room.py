@@ -48,13 +48,23 @@ Crash and restart:
     Subscribers are held in a :class:`SubscriberRegistry` that the child
     spec's factory shares between incarnations (like the cell's mailbox); the
     hub keeps it per room id too. A restarted room reloads its record from
-    the store, drops subscribers of users who are no longer members, and
-    sends them a ``room_reset`` event (``data``: ``epoch`` and ``last_seq``):
-    clients re-sync with ``get_events(since=...)``. Every incarnation that
-    ends calls the spec's ``on_exit`` hook (if any) with the registry and
-    whether it crashed (the hub forgets the registry of a room that stopped
-    for good). A room the supervisor gives up on is reported by the child
-    spec's ``on_given_up`` hook (see :class:`ensemble.actors.ChildSpec`).
+    the store (its config included: the latest, since :meth:`Room.configure`
+    stores each change; the config the spec was made with is applied by the
+    first incarnation only), drops the subscribers of users who are no
+    longer members, and sends the others a ``room_reset`` event (``data``:
+    ``epoch`` and ``last_seq``): clients re-sync with
+    ``get_events(since=...)``. Every incarnation that ends calls the spec's
+    ``on_exit`` hook (if any) with the registry and whether it crashed (the
+    hub forgets the registry of a room that stopped for good). A room the
+    supervisor gives up on is reported by the child spec's ``on_given_up``
+    hook (see :class:`ensemble.actors.ChildSpec`).
+
+Membership ends:
+    When a member is removed (``kicked``, ``banned``, ``member_left``) the
+    event is delivered first, the user's connections included; then the room
+    unsubscribes them and calls the spec's ``on_dropped`` hook (if any) with
+    their ids (the hub takes the room out of those connections' room index),
+    as it does for a user found no longer a member at a restart.
 
 Idle stop:
     One timer checks, every ``idle_timeout`` at most, whether the room had no
@@ -153,6 +163,13 @@ Since = int | tuple[str, int]
 RoomExitHook = Callable[[str, ActorRef, "SubscriberRegistry", bool], None]
 """Called (without waiting) when an incarnation of a room ends: with the room
 id, its ref, its subscriber registry and whether it crashed."""
+
+RoomDroppedHook = Callable[[str, str, Sequence[str]], None]
+"""Called (without waiting) when a room unsubscribes a user's connections
+because the user is no longer a member (kicked, banned, left from any device,
+or found gone at a restart): with the room id, the user id and the ids of
+the connections dropped, after the event that says why was delivered to
+them."""
 
 RANKS: Final[Mapping[str, int]] = {"member": 0, "moderator": 1, "admin": 2}
 """Role order: an actor acts only on members ranked strictly below them."""
@@ -498,9 +515,11 @@ class RoomActor(Actor):
 
     Args:
         room_id: The room.
-        config: Its configuration; ``None`` uses the stored one (or the
-            defaults for a new room). A config that differs from the stored
-            one replaces it.
+        config: Its configuration when it starts; ``None`` uses the stored
+            one (or the defaults for a new room). A config that differs from
+            the stored one replaces it. Only the first incarnation applies
+            it: a restart after a crash takes the stored config, the latest
+            (see :meth:`Room.configure`).
         store: Where the room's record lives.
         notify_user: Delivers join decisions to the requester's mailbox.
         clock: Wall clock for ``joined_at`` and message timestamps.
@@ -509,6 +528,8 @@ class RoomActor(Actor):
         default_config: The config of a new room started without one
             (``None``: :class:`RoomConfig` defaults).
         on_exit: Called when this incarnation ends (see :data:`RoomExitHook`).
+        on_dropped: Called when the room unsubscribes the connections of a
+            user whose membership ended (see :data:`RoomDroppedHook`).
     """
 
     mailbox: ClassVar[MailboxConfig] = MailboxConfig(per_type={SetTyping: "keep_latest"})
@@ -525,12 +546,14 @@ class RoomActor(Actor):
         subscribers: SubscriberRegistry | None = None,
         default_config: RoomConfig | None = None,
         on_exit: RoomExitHook | None = None,
+        on_dropped: RoomDroppedHook | None = None,
     ) -> None:
         self.room_id = room_id
         self.topic = f"room:{room_id}"
         self._config_arg = config
         self.config = config if config is not None else default_config if default_config is not None else RoomConfig()
         self._on_exit = on_exit
+        self._on_dropped = on_dropped
         self._store = store
         self._notify_user = notify_user
         self._clock = clock
@@ -563,6 +586,7 @@ class RoomActor(Actor):
         subscribers: SubscriberRegistry | None = None,
         default_config: RoomConfig | None = None,
         on_exit: RoomExitHook | None = None,
+        on_dropped: RoomDroppedHook | None = None,
     ) -> ChildSpec:
         """The child spec of a room (``transient``: an idle stop removes it).
 
@@ -576,6 +600,7 @@ class RoomActor(Actor):
                 incarnations (``None``: a new one).
             default_config: See :class:`RoomActor`.
             on_exit: See :class:`RoomActor`.
+            on_dropped: See :class:`RoomActor`.
 
         Returns:
             The spec; its factory shares one subscriber registry between the
@@ -592,6 +617,7 @@ class RoomActor(Actor):
             subscribers=registry,
             default_config=default_config,
             on_exit=on_exit,
+            on_dropped=on_dropped,
         )
         return ChildSpec(id=room_id, factory=factory, restart="transient")
 
@@ -621,12 +647,16 @@ class RoomActor(Actor):
 
     async def _start(self) -> None:
         record = await self._store.load(self.room_id)
+        # The spec's config is for the room's start: a restart after a crash
+        # takes the stored one, which configure() has kept up to date.
+        config = self._config_arg if self._subs.incarnations == 1 else None
         ops: list[RoomOp] = []
         if record is None:
             record = RoomRecord(room_id=self.room_id, config=self.config, epoch=_new_epoch())
             ops.append(CreateRoom(record.config, record.epoch))
-        elif self._config_arg is not None and self._config_arg != record.config:
-            ops.append(SetConfig(self._config_arg))
+        elif config is not None and config != record.config:
+            self.config = config
+            ops.append(SetConfig(config))
         else:
             self.config = record.config
         if ops:
@@ -902,6 +932,7 @@ class RoomActor(Actor):
             self._outbox.append(functools.partial(self._drop_subscribers, user_id))
 
     def _drop_subscribers(self, user_id: str) -> None:
+        """Unsubscribe the connections of ``user_id``, who is no longer a member."""
         connections = self._subs.by_user.pop(user_id, None)
         self._subs.changed()
         if connections:
@@ -910,6 +941,11 @@ class RoomActor(Actor):
             self._deliver(
                 Event(type=PRESENCE, topic=self.topic, data={"user_id": user_id, "online": False}, coalesce_key=("presence", user_id))
             )
+            if self._on_dropped is not None:
+                try:
+                    self._on_dropped(self.room_id, user_id, list(connections))
+                except Exception:
+                    logger.exception("the on_dropped hook of room %s raised", self.room_id)
 
     def _leave(self, user_id: str) -> bool:
         if user_id not in self._members:
@@ -1048,8 +1084,10 @@ class RoomActor(Actor):
         self._validate(content, message_type)
         if not self._limit.hit(user_id):
             retry_after = self._limit.retry_after(user_id)
+            # The detail is constant text (documented frames pin it); the
+            # delay is the error's retry_after.
             raise RateLimited(
-                f"{user_id!r} sent {self.config.rate_limit} messages in the last minute; retry after {retry_after:.3f} s",
+                f"{user_id!r} sent {self.config.rate_limit} messages in the last minute; retry after retry_after seconds",
                 retry_after=retry_after,
             )
         message = RoomMessage(
@@ -1484,6 +1522,9 @@ class Room:
 
     async def configure(self, config: RoomConfig) -> bool:
         """Replace the room's configuration, persisted and applied at once.
+
+        It stays the room's configuration across restarts after a crash (a
+        restart loads the stored one) and idle stops.
 
         Members beyond a lowered ``max_members`` stay (new joins are
         refused); a lowered ``history_size`` drops the oldest events now; a

@@ -699,6 +699,9 @@ class ProtocolHandler:
         return {"count": await self.hub.notifications.clear(self._user(session))}
 
     async def _watch(self, session: _Session, info: ConnectionInfo, command: cmd.Watch) -> object:
+        if session.watches and len(session.watches) >= self.max_watches_per_connection:
+            # Forget the watches the server ended (``live_reset``) before counting.
+            session.watches &= await self.hub.live.active(session.watches)
         if len(session.watches) >= self.max_watches_per_connection:
             raise _Refusal(
                 TOO_MANY_WATCHES,
@@ -721,7 +724,9 @@ class ProtocolHandler:
         if command.id not in session.watches:
             raise NotFound(f"this connection has no watch {command.id!r}")
         session.watches.discard(command.id)
-        return {"id": command.id, "unwatched": await self.hub.live.unwatch(command.id)}
+        if not await self.hub.live.unwatch(command.id):  # the server ended it (``live_reset``)
+            raise NotFound(f"this connection has no watch {command.id!r}")
+        return {"id": command.id, "unwatched": True}
 
 
 def _peek_ref(data: Any, max_size: int, max_depth: int) -> cmd.Ref:
