@@ -170,6 +170,37 @@ async def test_ask_returns_the_reply_and_tell_is_handled_in_order(autojump_clock
         assert ref.statistics().mailbox_capacity == 20_000
 
 
+async def test_ask_later_queues_without_waiting_and_replies_in_order(autojump_clock: trio.testing.MockClock) -> None:
+    replies: list[tuple[Any, Any]] = []
+
+    def on_reply(value: Any, error: BaseException | None) -> None:
+        replies.append((value, type(error).__name__ if error is not None else None))
+
+    async with probe() as (ref, _):
+        for n in (1, 2, -1, 3):
+            await ref.ask_later(Add(n), on_reply)
+        assert replies == []  # queued, not handled yet: no schedule point in between
+        await ref.ask_later(Boom(), on_reply)
+        assert await ref.ask(Get()) == 0  # handled in order; the crash restarted the actor afresh
+        assert replies[:4] == [(1, None), (3, None), (None, "ValueError"), (6, None)]
+        assert replies[4] == (None, "ActorCrashed")
+
+        def raising(value: Any, error: BaseException | None) -> None:
+            raise RuntimeError("a broken callback")
+
+        await ref.ask_later(Add(1), raising)  # logged, the actor is unaffected
+        assert await ref.ask(Add(0)) >= 0
+
+
+async def test_ask_later_to_a_stopped_actor(autojump_clock: trio.testing.MockClock) -> None:
+    replies: list[Any] = []
+    async with probe() as (ref, _):
+        pass
+    with pytest.raises(ActorStopped):
+        await ref.ask_later(Get(), lambda value, error: replies.append(error))
+    assert replies == []
+
+
 async def test_ask_times_out_after_exactly_the_timeout(autojump_clock: trio.testing.MockClock, fault_injector: FaultInjector) -> None:
     async with probe() as (ref, _):
         stall = fault_injector.stall(ref)

@@ -990,3 +990,48 @@ async def test_a_failed_authentication_wiring_closes_the_connection(supervisor: 
     assert recorder.disconnect_counts() == {anon.connection_id: 1}
     await settle()
     assert manager.supervisor.which_children() == []
+
+
+async def test_min_write_interval_coalesces_a_trickle(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    """The first event after a quiet moment goes at once; those within the
+    interval after a write wait for it and go out together."""
+    manager = make_manager(supervisor, min_write_interval=0.01)
+    transport = CountingTransport()
+    info = await manager.connect(transport)
+    subscriber = manager.get_subscriber(info.connection_id)
+    assert subscriber is not None
+    await trio.sleep(1)
+    start = trio.current_time()
+    subscriber.deliver_nowait(Event(type="message", topic="room:a", data={"n": 0}, seq=1, epoch="e"))
+    await settle()
+    assert transport.calls == [("send", 1)]  # at once
+    assert trio.current_time() == start
+    for n in range(1, 4):
+        subscriber.deliver_nowait(Event(type="message", topic="room:a", data={"n": n}, seq=n + 1, epoch="e"))
+        await trio.sleep(0.002)
+    assert transport.calls == [("send", 1)]  # still within the interval
+    await trio.sleep(0.01)
+    assert transport.calls == [("send", 1), ("send_many", 3)]
+    assert [event["data"]["n"] for event in transport.events] == [0, 1, 2, 3]
+    # A close writes what is queued at once.
+    subscriber.deliver_nowait(Event(type="message", topic="room:a", data={"n": 4}, seq=5, epoch="e"))
+    await manager.disconnect(info.connection_id)
+    assert [event["data"]["n"] for event in transport.events] == [0, 1, 2, 3, 4]
+
+
+async def test_min_write_interval_does_not_wait_with_a_full_batch(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = make_manager(supervisor, min_write_interval=10.0, max_batch=3)
+    transport = CountingTransport()
+    info = await manager.connect(transport)
+    subscriber = manager.get_subscriber(info.connection_id)
+    assert subscriber is not None
+    subscriber.deliver_nowait(Event(type="message", topic="room:a", data={"n": 0}, seq=1, epoch="e"))
+    await settle()
+    start = trio.current_time()
+    for n in range(1, 4):
+        subscriber.deliver_nowait(Event(type="message", topic="room:a", data={"n": n}, seq=n + 1, epoch="e"))
+    await settle()
+    assert transport.calls == [("send", 1), ("send_many", 3)]
+    assert trio.current_time() == start
+    with pytest.raises(ValueError, match="min_write_interval"):
+        make_manager(supervisor, min_write_interval=-1)

@@ -319,3 +319,30 @@ def test_coalescing_is_per_topic() -> None:
         assert outbox.deliver_nowait(event)
     assert outbox.get_batch_nowait() == [a2, b1]
     assert outbox.statistics().coalesced == 1
+
+
+def test_a_batch_is_queued_in_one_step_with_the_same_accounting() -> None:
+    from ensemble.realtime._events import EventBatch
+
+    events = [Event(type="message", topic="room:a", data={"n": n}, seq=n + 1, epoch="e") for n in range(5)]
+    one_by_one = Outbox(max_events=10)
+    for event in events:
+        assert one_by_one.deliver_nowait(event)
+    batched = Outbox(max_events=10)
+    assert batched.deliver_batch_nowait(EventBatch(events)) == 5
+    assert batched.get_batch_nowait() == one_by_one.get_batch_nowait() == events
+    a, b = one_by_one.statistics(), batched.statistics()
+    assert (a.accepted, a.peak, a.peak_bytes, a.delivered) == (b.accepted, b.peak, b.peak_bytes, b.delivered)
+    assert batched.positions == one_by_one.positions
+    assert batched.positions == {"room:a": ("e", 5)}
+
+
+def test_a_batch_that_does_not_fit_overflows_exactly_as_event_by_event() -> None:
+    from ensemble.realtime._events import EventBatch
+
+    events = [Event(type="message", topic="room:a", data={"n": n}, seq=n + 1, epoch="e") for n in range(5)]
+    outbox = Outbox(max_events=3)
+    assert outbox.deliver_batch_nowait(EventBatch(events)) == 3
+    assert outbox.overflowed
+    assert outbox.positions == {"room:a": ("e", 3)}
+    assert outbox.deliver_batch_nowait(EventBatch(events)) == 0  # refusing from now on

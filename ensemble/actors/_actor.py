@@ -24,7 +24,7 @@ import attrs
 import trio
 
 from ._errors import ActorCrashed, ActorError, ActorStopped, AskTimeout
-from ._mailbox import Mailbox, MailboxConfig, _Envelope, _Reply
+from ._mailbox import Mailbox, MailboxConfig, _CallbackReply, _Envelope, _Full, _Reply
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -280,6 +280,30 @@ class ActorRef:
             return await reply.wait()
         reply.fail(AskTimeout(self.path, "abandoned"))
         raise AskTimeout(self.path, f"{self.path} did not reply within {timeout} s")
+
+    async def ask_later(self, message: Any, on_reply: Callable[[Any, BaseException | None], None]) -> None:
+        """Send ``message`` as an ask, without waiting for the reply.
+
+        Returns once the message is queued (under ``block``, after waiting
+        for room). The reply is given later to ``on_reply(value, None)``, or
+        the error an :meth:`ask` would raise to ``on_reply(None, error)``
+        (the actor's expected exception, :class:`ActorCrashed`,
+        :class:`ActorStopped`, :class:`MessageDropped`). ``on_reply`` runs
+        in whichever task gives the reply (usually the actor's): it must not
+        block, and what it raises is logged. A sender that keeps several
+        asks in flight to one actor gets their replies in order. There is a
+        schedule point only when the call waits for room in the mailbox.
+
+        Raises:
+            MailboxFull: The mailbox refused the message.
+            ActorStopped: The actor has stopped for good.
+        """
+        reply = _CallbackReply(on_reply)
+        mailbox = self._mailbox
+        try:
+            mailbox.put_nowait(message, reply)  # no schedule point: a sender can queue a burst in one step
+        except _Full:
+            await mailbox.put(message, reply)
 
     def statistics(self) -> ActorStatistics:
         """A frozen snapshot of the actor's counters."""

@@ -12,6 +12,7 @@ Keeping plain messages bare keeps the fan-out path to one ``deque.append``.
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -21,6 +22,8 @@ import attrs
 import trio
 
 from ._errors import ActorStopped, MailboxFull, MessageDropped
+
+logger = logging.getLogger("ensemble.actors")
 
 DEFAULT_MAILBOX_SIZE: Final = 1000  # messages
 DEFAULT_BLOCK_TIMEOUT: Final = 5.0  # seconds
@@ -141,6 +144,40 @@ class _Reply:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+class _CallbackReply(_Reply):
+    """A reply slot that calls ``callback(value, error)`` instead of waking a
+    waiter (:meth:`ActorRef.ask_later`). The callback runs wherever the reply
+    is given (the actor's task, or whoever closed the mailbox), so it must
+    not block; an exception from it is logged, never raised."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[Any, BaseException | None], None]) -> None:
+        self._callback = callback
+        self._value = None
+        self._error = None
+        self.done = False
+
+    def set(self, value: Any) -> None:
+        if not self.done:
+            self.done = True
+            self._call(value, None)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self._call(None, error)
+
+    def _call(self, value: Any, error: BaseException | None) -> None:
+        try:
+            self._callback(value, error)
+        except Exception:
+            logger.exception("a reply callback failed")
+
+    async def wait(self) -> Any:
+        raise RuntimeError("a callback reply is not awaited")
 
 
 class _Envelope:

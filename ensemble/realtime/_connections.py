@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import types
 import uuid
@@ -270,6 +271,12 @@ class _Inbound:
 
 
 @attrs.frozen(eq=False)
+class _InboundMany:
+    items: list[Any]
+    on_refused: Callable[[Any, Exception], None]
+
+
+@attrs.frozen(eq=False)
 class _Authenticate:
     user_id: str
     context: Any
@@ -352,6 +359,8 @@ class _Connection:
     close_itself: Callable[[int, str], Awaitable[None]] | None = None
     authenticate_itself: Callable[[str, Any], Awaitable[ConnectionInfo]] | None = None
     rate_violations: int = 0
+    last_write: float = -math.inf
+    flush_timer: bool = False
 
     def info(self) -> ConnectionInfo:
         return ConnectionInfo(
@@ -378,12 +387,22 @@ class _Connection:
             self.flush_soon()
 
 
+class _TimedFlush:
+    """The coalescing timer's message: drain the outbox now."""
+
+
+_FLUSH_TIMER: Final = "flush"
+_TIMED_FLUSH: Final = _TimedFlush()
+
+
 class _ConnectionActor(Actor):
     """Writes one connection's outbox to its transport."""
 
     # Inbound messages block their sender (the transport's reader) when 16
     # are queued: backpressure to the socket, never an unbounded queue.
-    mailbox = MailboxConfig(size=16, overflow="fail", per_type={Flush: "keep_latest", _Inbound: "block", _Authenticate: "block"})
+    mailbox = MailboxConfig(
+        size=16, overflow="fail", per_type={Flush: "keep_latest", _Inbound: "block", _InboundMany: "block", _Authenticate: "block"}
+    )
     expected_exceptions = (_Rejected,)
 
     def __init__(self, manager: ConnectionManager, connection: _Connection) -> None:
@@ -399,10 +418,21 @@ class _ConnectionActor(Actor):
             self.ref.tell_nowait(FLUSH)
 
     async def receive(self, message: Any) -> Any:
-        if isinstance(message, Flush):
+        if message is _TIMED_FLUSH:
+            self._conn.flush_timer = False
+            await self._flush()
+        elif isinstance(message, Flush):
             await self._flush()
         elif isinstance(message, _Inbound):
             return await self._inbound(message.data)
+        elif isinstance(message, _InboundMany):
+            for item in message.items:
+                if self._conn.finishing:
+                    break
+                try:
+                    await self._inbound(item)
+                except _Rejected as rejected:
+                    message.on_refused(item, rejected.error)
         elif isinstance(message, _Close):
             await self._close(message.code, message.reason)
         elif isinstance(message, _Authenticate):
@@ -469,20 +499,34 @@ class _ConnectionActor(Actor):
         stats = self.ref.statistics()
         return stats.state == "restarting"
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, now: bool = False) -> None:
         conn = self._conn
         outbox = conn.outbox
         manager = self._manager
         transport = conn.transport
         send_many = getattr(transport, "send_many", None)
         positions = conn.sent_positions
+        interval = manager.min_write_interval
         while not conn.finishing:
             if outbox.overflowed:
                 await self._slow_consumer()
                 return
+            if interval > 0 and not now and not outbox.closed:
+                # Coalescing: a connection that wrote less than the interval
+                # ago waits for the rest of it, so the events of a burst go
+                # out together; after a quiet moment the first event goes
+                # at once. (A timer: the actor stays free for inbound frames.)
+                due = conn.last_write + interval
+                wait = due - trio.current_time()
+                if wait > 0 and len(outbox) < manager.max_batch:
+                    if not conn.flush_timer:
+                        conn.flush_timer = True
+                        self.start_timer(_FLUSH_TIMER, wait, _TIMED_FLUSH)
+                    return
             batch = outbox.get_batch_nowait(manager.max_batch)
             if not batch:
                 return
+            conn.last_write = trio.current_time()
             with trio.CancelScope() as scope:
                 conn.send_scope = scope
                 try:
@@ -551,6 +595,13 @@ class ConnectionManager:
             frame (a JSON array) instead of one frame per event.
         max_batch: Most events taken from an outbox per batch (and
             written with one ``send_many``).
+        min_write_interval: Seconds a connection waits after a write before
+            the next one (0: none). Events that arrive sooner are written
+            together when it has passed, or at once when ``max_batch`` of
+            them are queued; the first event after a quiet moment is written
+            at once. Under a burst this turns many small writes into few
+            large ones (each write costs a wake-up and a system call) at the
+            price of at most this much latency.
         rate_limiter: Checked on every inbound message (:meth:`receive`);
             ``None`` for no inbound limit.
         max_rate_violations: Inbound messages over the rate limit in a row
@@ -601,6 +652,7 @@ class ConnectionManager:
         outbox_max_bytes: int = DEFAULT_MAX_BYTES,
         batch_frames: bool = False,
         max_batch: int = 256,
+        min_write_interval: float = 0.0,
         rate_limiter: WebSocketRateLimiter | None = None,
         max_rate_violations: int | None = 3,
         close_timeout: float = 5.0,
@@ -619,6 +671,8 @@ class ConnectionManager:
             raise ValueError(f"close_timeout must be >= 0, got {close_timeout}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if not min_write_interval >= 0:
+            raise ValueError(f"min_write_interval must be >= 0, got {min_write_interval}")
         if max_rate_violations is not None and max_rate_violations < 1:
             raise ValueError(f"max_rate_violations must be at least 1 or None, got {max_rate_violations}")
         if outbox_max_events < 1 or outbox_max_bytes < 1:
@@ -631,6 +685,7 @@ class ConnectionManager:
         self.outbox_max_bytes = outbox_max_bytes
         self.batch_frames = batch_frames
         self.max_batch = max_batch
+        self.min_write_interval = min_write_interval
         self.rate_limiter = rate_limiter
         self.max_rate_violations = max_rate_violations
         self.close_timeout = close_timeout
@@ -901,15 +956,35 @@ class ConnectionManager:
             Exception: Whatever :attr:`on_message` raised (the connection
                 stays open).
         """
+        try:
+            return await self._ask_inbound(connection_id, _Inbound(data))
+        except _Rejected as rejected:
+            raise rejected.error from None
+
+    async def receive_many(self, connection_id: str, items: list[Any], on_refused: Callable[[Any, Exception], None]) -> None:
+        """Hand several inbound messages of a connection to its actor at once.
+
+        As :meth:`receive` for each, in order, in one step of the actor (a
+        transport passes every message one read of its socket brought): a
+        client's burst is handled without a wake-up per message. What
+        ``receive`` would raise for a message (:class:`RateLimited`, or what
+        :attr:`on_message` raised) is given to ``on_refused(item, error)``
+        instead, in the actor's task (it must not block); the messages after
+        one that closed the connection are dropped.
+
+        Raises:
+            NotFound: The connection is not open (or is closing).
+        """
+        await self._ask_inbound(connection_id, _InboundMany(items, on_refused))
+
+    async def _ask_inbound(self, connection_id: str, message: _Inbound | _InboundMany) -> Any:
         conn = self._connections.get(connection_id)
         ref = None if conn is None else conn.ref
         if conn is None or ref is None or not conn.registered:
             await trio.lowlevel.checkpoint()
             raise NotFound(f"no open connection {connection_id!r}")
         try:
-            return await ref.ask(_Inbound(data), timeout=None)
-        except _Rejected as rejected:
-            raise rejected.error from None
+            return await ref.ask(message, timeout=None)
         except ActorError:
             raise NotFound(f"connection {connection_id!r} closed") from None
 

@@ -124,3 +124,25 @@ class Subscriber(Protocol):
     def deliver_nowait(self, event: Event) -> bool:
         """Queue ``event``; return ``False`` if it was refused (closed, slow)."""
         ...
+
+
+class EventBatch:
+    """Plain events handed to many outboxes at once (:meth:`Outbox.deliver_batch_nowait`).
+
+    What every recipient needs is computed once: each event's encoded size
+    (encoding it, once for all) and the last sequenced event of each topic.
+
+    Args:
+        events: Events without a coalescing key, in order.
+    """
+
+    __slots__ = ("events", "size", "tail")
+
+    def __init__(self, events: list[Event]) -> None:
+        self.events = events
+        self.size = sum([len(event.encoded) for event in events])
+        tail: dict[str, Event] = {}
+        for event in events:
+            if event.seq is not None:
+                tail[event.topic] = event
+        self.tail = tail

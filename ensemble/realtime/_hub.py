@@ -105,6 +105,11 @@ class HubConfig:
         outbox_max_events: Each connection's outbound queue bound, in events.
         outbox_max_bytes: ... and in bytes; beyond either the connection is
             a slow consumer and is closed with its resume positions.
+        min_write_interval: Seconds a connection waits after a write before
+            its next one: the events of a burst are written together (one
+            wake-up and one system call for many events), at the price of at
+            most this much latency; the first event after a quiet moment is
+            written at once. 0: every wake-up writes.
         notifications_per_user: Most notifications kept per user.
         mailbox_idle_timeout: Seconds before an idle user mailbox stops.
         mailbox_max_restarts: Restarts a user mailbox may take ...
@@ -125,6 +130,7 @@ class HubConfig:
     max_metadata_keys: int = attrs.field(default=32, validator=attrs.validators.ge(0))
     outbox_max_events: int = attrs.field(default=DEFAULT_MAX_EVENTS, validator=attrs.validators.ge(1))
     outbox_max_bytes: int = attrs.field(default=DEFAULT_MAX_BYTES, validator=attrs.validators.ge(1))
+    min_write_interval: float = attrs.field(default=0.0, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(1)))
     notifications_per_user: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
     mailbox_idle_timeout: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
     mailbox_max_restarts: int = attrs.field(default=3, validator=attrs.validators.ge(0))
@@ -637,6 +643,7 @@ async def open_hub(
             max_metadata_keys=config.max_metadata_keys,
             outbox_max_events=config.outbox_max_events,
             outbox_max_bytes=config.outbox_max_bytes,
+            min_write_interval=config.min_write_interval,
             on_opened=opened,
             on_closed=closed,
             on_authenticated=opened,

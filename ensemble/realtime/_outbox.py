@@ -31,7 +31,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from ._events import Event
+from ._events import Event, EventBatch
 
 logger = logging.getLogger("ensemble.realtime")
 
@@ -263,6 +263,38 @@ class Outbox:
         if depth == 1:
             self._ready()
         return True
+
+    def deliver_batch_nowait(self, batch: EventBatch) -> int:
+        """Queue a batch of plain events (no coalescing key) without blocking.
+
+        The same as :meth:`deliver_nowait` for each event in order, in one
+        step when the whole batch fits (a room hands a burst to each of its
+        subscribers this way: one call per subscriber, not one per event).
+
+        Returns:
+            How many of the events were accepted.
+        """
+        events = batch.events
+        count = len(events)
+        queue = self._queue
+        depth = len(queue)
+        total = self._bytes + batch.size
+        if self._refusing or depth + count > self.max_events or total > self.max_bytes:
+            deliver = self.deliver_nowait
+            return sum([deliver(event) for event in events])
+        queue.extend(events)
+        self._bytes = total
+        self._accepted += count
+        if batch.tail:
+            self._last.update(batch.tail)
+        depth += count
+        if depth > self._peak:
+            self._peak = depth
+        if total > self._peak_bytes:
+            self._peak_bytes = total
+        if depth == count:
+            self._ready()
+        return count
 
     def _accept(self, event: Event) -> None:
         self._accepted += 1

@@ -129,6 +129,7 @@ from ._events import (
     UNBANNED,
     Audience,
     Event,
+    EventBatch,
     Subscriber as Subscriber,
 )
 from ._models import ROLES, Resumption, RoomConfig, RoomJoin, RoomMember, RoomMessage
@@ -466,13 +467,15 @@ class SubscriberRegistry:
         self.by_connection: dict[str, str] = {}
         self.incarnations = 0
         self._flat: list[tuple[Subscriber, Callable[[Event], bool]]] | None = None
+        self._flat_batch: list[tuple[Subscriber, Callable[[EventBatch], int]]] | None = None
 
     def __len__(self) -> int:
         return len(self.by_connection)
 
     def changed(self) -> None:
-        """Call after changing ``by_user``: the flat list is rebuilt on next use."""
+        """Call after changing ``by_user``: the flat lists are rebuilt on next use."""
         self._flat = None
+        self._flat_batch = None
 
     def subscribers(self) -> list[Subscriber]:
         """Every subscriber, by user then subscription order."""
@@ -483,6 +486,14 @@ class SubscriberRegistry:
         self.by_user.clear()
         self.by_connection.clear()
         self.changed()
+
+    def flat_batch(self) -> list[tuple[Subscriber, Callable[[EventBatch], int]]]:
+        """Every subscriber with a function that hands it an :class:`EventBatch`
+        (its ``deliver_batch_nowait`` if it has one), cached between changes."""
+        flat = self._flat_batch
+        if flat is None:
+            flat = self._flat_batch = [(subscriber, _batch_delivery(subscriber)) for subscriber, _ in self.flat()]
+        return flat
 
     def flat(self) -> list[tuple[Subscriber, Callable[[Event], bool]]]:
         """Every subscriber with its bound ``deliver_nowait``, cached between changes.
@@ -496,6 +507,14 @@ class SubscriberRegistry:
                 (subscriber, subscriber.deliver_nowait) for connections in self.by_user.values() for subscriber in connections.values()
             ]
         return flat
+
+
+def _batch_delivery(subscriber: Subscriber) -> Callable[[EventBatch], int]:
+    deliver_batch: Callable[[EventBatch], int] | None = getattr(subscriber, "deliver_batch_nowait", None)
+    if deliver_batch is not None:
+        return deliver_batch
+    deliver = subscriber.deliver_nowait
+    return lambda batch: sum([bool(deliver(event)) for event in batch.events])
 
 
 def _new_epoch() -> str:
@@ -797,11 +816,39 @@ class RoomActor(Actor):
     def _flush_outbox(self) -> None:
         if self._outbox:
             outbox, self._outbox = self._outbox, []
+            run: list[Event] = []  # consecutive events for everyone: delivered as one batch
             for item in outbox:
                 if isinstance(item, Event):
+                    if item.audience is None and item.coalesce_key is None:
+                        run.append(item)
+                        continue
+                    if run:
+                        self._deliver_run(run)
+                        run = []
                     self._deliver(item)
                 else:
+                    if run:
+                        self._deliver_run(run)
+                        run = []
                     item()
+            if run:
+                self._deliver_run(run)
+
+    def _deliver_run(self, run: list[Event]) -> None:
+        """Hand events for everyone to every subscriber, a batch per subscriber."""
+        if len(run) == 1:
+            self._deliver(run[0])
+            return
+        batch = EventBatch(run)
+        delivered = 0
+        flat = self._subs.flat_batch()
+        for subscriber, deliver_batch in flat:
+            try:
+                delivered += deliver_batch(batch)
+            except Exception as exc:
+                logger.warning("subscriber %s of room %s raised %r", subscriber.connection_id, self.room_id, exc)
+        self._deliveries += delivered
+        self._refused += len(flat) * len(run) - delivered
 
     def _deliver(self, event: Event) -> None:
         """Hand ``event`` to every admitted subscriber, without waiting."""
@@ -1413,6 +1460,28 @@ class Room:
         """
         message: RoomMessage = await self._ask(SendMessage(user_id, content, message_type))
         return message
+
+    async def send_message_later(
+        self,
+        user_id: str,
+        content: str,
+        message_type: str,
+        on_done: Callable[[RoomMessage | None, BaseException | None], None],
+    ) -> None:
+        """Send a message to the room without waiting for it to be handled.
+
+        Returns once the room has queued it (waiting for room in its
+        mailbox: backpressure); ``on_done(message, None)`` or
+        ``on_done(None, error)`` is called when the room has handled it
+        (with the errors of :meth:`send_message`), in the room's task, so it
+        must not block. A sender can keep many messages in flight this way:
+        the room handles a burst of them at once and its subscribers get
+        them in few writes. Messages sent this way by one sender are handled
+        in order.
+        """
+        if not self._ref.alive and self._resolve is not None:
+            self._ref = await self._resolve()  # stopped idle: a new one resumes from the store
+        await self._ref.ask_later(SendMessage(user_id, content, message_type), on_done)
 
     async def broadcast(self, data: Mapping[str, Any]) -> None:
         """Send a ``system`` event (stored, sequenced) to every subscriber."""

@@ -37,6 +37,7 @@ the connection with 1013, a failure with 1011 (logged).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -59,6 +60,7 @@ from ..realtime import (
     RateLimited,
     Room,
     RoomFull,
+    RoomMessage,
     TooManyConnections,
     Transport,
 )
@@ -365,6 +367,28 @@ class ProtocolHandler:
         except NotFound:
             pass  # closed meanwhile: nobody to answer
 
+    async def frames(self, connection_id: str, frames: list[str]) -> None:
+        """Handle several frames the client sent, in order, in one step of its actor.
+
+        What a transport calls with every frame one read of its socket
+        brought; the same as :meth:`frame` for each, without a wake-up per
+        frame.
+        """
+        if len(frames) == 1:
+            await self.frame(connection_id, frames[0])
+            return
+
+        def refused(data: Any, error: Exception) -> None:
+            if isinstance(error, RateLimited):
+                ref = _peek_ref(data, self.max_message_size, self.max_depth)
+                frame = encode_error("rate_limited", str(error), ref, retry_after=round(error.retry_after, 3))
+                self.hub.connections.send_frame_nowait(connection_id, frame)
+            elif not isinstance(error, NotFound):
+                logger.error("handling a frame of connection %s failed", connection_id, exc_info=error)
+
+        with contextlib.suppress(NotFound):  # closed meanwhile: nobody to answer
+            await self.hub.connections.receive_many(connection_id, frames, refused)
+
     async def close(self, connection_id: str, *, code: int = CloseCode.NORMAL, reason: str = "") -> bool:
         """Close a connection by the id :meth:`open` returned.
 
@@ -502,7 +526,7 @@ class ProtocolHandler:
             return encode_error("not_found", detail, ref)
         if isinstance(exc, TooManyConnections):
             return encode_error("overloaded", detail, ref)
-        logger.exception("internal error handling %s from connection %s", command.type, session.connection_id)
+        logger.error("internal error handling %s from connection %s", command.type, session.connection_id, exc_info=exc)
         return encode_error(INTERNAL, f"the server failed to handle {command.type}", ref)
 
     # -- commands ------------------------------------------------------------------------
@@ -610,8 +634,22 @@ class ProtocolHandler:
 
     async def _send(self, session: _Session, info: ConnectionInfo, command: cmd.Send) -> object:
         room = await self._joined_room(info, command.room)
-        message = await room.send_message(self._user(session), command.content, command.message_type)
-        return message.to_dict()
+        # Not awaited: the connection goes on with its next frame while the
+        # room handles this one, so a client that sends a burst has many
+        # messages in flight and the room fans them out together. The reply
+        # (or error) is queued when the room has handled it: after the
+        # message event it sends to this connection, in the order sent.
+        ref = command.ref
+
+        def done(message: RoomMessage | None, error: BaseException | None) -> None:
+            if error is not None:
+                if isinstance(error, Exception):
+                    self._queue(session, self._error_frame(error, ref, command, session))
+            elif ref is not None and message is not None:
+                self._queue(session, encode_reply(ref, message.to_dict()))
+
+        await room.send_message_later(self._user(session), command.content, command.message_type, done)
+        return _NO_REPLY
 
     async def _edit(self, session: _Session, info: ConnectionInfo, command: cmd.Edit) -> object:
         room = await self._joined_room(info, command.room)

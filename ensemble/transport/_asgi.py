@@ -708,6 +708,17 @@ class EnsembleApp:
         heartbeat.seen(connection_id)
         await handler.frame(connection_id, text)
 
+    async def client_frames(self, connection_id: str, texts: list[str]) -> None:
+        """Several text frames from a client (one read's worth), handled in one actor step."""
+        handler, heartbeat = self.handler, self.heartbeat
+        if handler is None or heartbeat is None:
+            raise RuntimeError("the app is not running")
+        counters = self.counters
+        counters.frames_in += len(texts)
+        counters.bytes_in += sum(len(text) for text in texts)
+        heartbeat.seen(connection_id)
+        await handler.frames(connection_id, texts)
+
     async def close_connection(self, connection_id: str, code: CloseCode, reason: str) -> None:
         """Close a client's connection with ``code`` (through its actor, after what it queued)."""
         handler = self.handler

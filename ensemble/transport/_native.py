@@ -314,10 +314,14 @@ class NativeServer:
         parts: list[str] = []
         size = 0
         data = initial
+        texts: list[str] = []  # the messages of one read, handed over together
         while True:
             if data:
                 ws.receive_data(data)
                 for event in ws.events():
+                    if texts and not isinstance(event, TextMessage):
+                        await app.client_frames(connection_id, texts)  # in order with what follows
+                        texts = []
                     if transport.closed:
                         if isinstance(event, CloseConnection):
                             return  # the client's answer to our close
@@ -326,16 +330,18 @@ class NativeServer:
                         chunk = event.data
                         size += len(chunk) if chunk.isascii() else len(chunk.encode("utf-8"))
                         if size > max_size:
+                            if texts:
+                                await app.client_frames(connection_id, texts)
+                                texts = []
                             counters.protocol_errors += 1
                             await app.close_connection(connection_id, CloseCode.MESSAGE_TOO_BIG, "message too big")
                             parts.clear()
                             continue
                         parts.append(chunk)
                         if event.message_finished:
-                            text = parts[0] if len(parts) == 1 else "".join(parts)
+                            texts.append(parts[0] if len(parts) == 1 else "".join(parts))
                             parts.clear()
                             size = 0
-                            await app.client_frame(connection_id, text)
                     elif isinstance(event, BytesMessage):
                         if event.message_finished:
                             counters.protocol_errors += 1
@@ -353,6 +359,9 @@ class NativeServer:
                         counters.protocol_errors += 1
                         await app.close_connection(connection_id, _violation(event.code), event.reason or "protocol error")
                         return
+                if texts:
+                    await app.client_frames(connection_id, texts)
+                    texts = []
             try:
                 data = bytes(await stream.receive_some(RECEIVE_SIZE))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
