@@ -49,6 +49,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 from ..protocol import CloseCode
 from ..realtime import TransportClosed
 from ..server._config import ServerConfig
+from ..server._identity import Identity
 from ..server._metrics import TransportCounters
 from ..server._serve import set_write_timeout
 from ._asgi import CLOSE_GRACE, WS_PATH, EnsembleApp, Scope, _app_path, close_reason
@@ -257,6 +258,20 @@ class NativeServer:
             await trio.aclose_forcefully(stream)
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
+        accepted = await self._handshake(stream)
+        if accepted is not None:
+            # Only what the connection needs stays referenced from here on
+            # (not the request, its scope or the HTTP parser): an idle
+            # connection is small.
+            await self._serve(stream, *accepted)
+
+    async def _handshake(self, stream: trio.abc.Stream) -> tuple[Identity | None, Any, bytes] | None:
+        """Read the request; answer HTTP, or decide and answer a WebSocket upgrade.
+
+        Returns:
+            For an accepted WebSocket: its identity (``None``: in-band
+            auth), the peer's address and the bytes read past the request.
+        """
         limits = self.config.limits
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_handshake_bytes)
         request: h11.Request | None = None
@@ -265,39 +280,40 @@ class NativeServer:
                 await stream.do_handshake()
             request = await _read_request(stream, conn)
         if request is None:
-            return  # too slow, gone, or answered 400 already
+            return None  # too slow, gone, or answered 400 already
         scope = self._scope(stream, request)
-        if _is_upgrade(request) and _app_path(scope) == WS_PATH:
-            trailing, _ = conn.trailing_data
-            await self._websocket(stream, scope, request, bytes(trailing))
-        else:
+        if not (_is_upgrade(request) and _app_path(scope) == WS_PATH):
             await self._http(stream, conn, scope)
-
-    # -- WebSocket ----------------------------------------------------------------
-
-    async def _websocket(self, stream: trio.abc.Stream, scope: Scope, request: h11.Request, initial: bytes) -> None:
+            return None
         headers = dict(request.headers)
         key = headers.get(b"sec-websocket-key", b"").decode("latin-1")
         if headers.get(b"sec-websocket-version") != b"13":
             await _respond(stream, 426, b"unsupported WebSocket version", [(b"sec-websocket-version", b"13")])
-            return
+            return None
         if request.method != b"GET" or not valid_key(key):
             await _respond(stream, 400, b"invalid WebSocket handshake")
-            return
+            return None
         app = self.app
         admission = await app.admit(scope)
         if admission.refusal is not None:
             refusal = app.refusal(scope, *admission.refusal)
             if refusal.status is not None:
                 await _respond(stream, refusal.status, refusal.body, [(b"content-type", b"application/json")])
-                return
+                return None
             await stream.send_all(_accept(key, refusal.subprotocol) + close_frame(int(refusal.code), refusal.reason))
             await self._await_close(stream)
-            return
+            return None
         assert admission.handshake is not None
         await stream.send_all(_accept(key, admission.handshake.subprotocol))
+        trailing, _ = conn.trailing_data
+        return admission.identity, scope.get("client"), bytes(trailing)
+
+    # -- WebSocket ----------------------------------------------------------------
+
+    async def _serve(self, stream: trio.abc.Stream, identity: Identity | None, client: Any, initial: bytes) -> None:
+        app = self.app
         transport = NativeWebSocketTransport(stream, self.cache, app.counters, write_timeout=self.config.limits.write_timeout)
-        async with app.connection(transport, admission.identity, kind="native", client=scope.get("client")) as connection_id:
+        async with app.connection(transport, identity, kind="native", client=client) as connection_id:
             if connection_id is None:
                 await self._await_close(stream)
                 return
@@ -372,10 +388,14 @@ class NativeServer:
                 return
 
     async def _await_close(self, stream: trio.abc.Stream) -> None:
-        """After a refusal's close frame: give the client a moment to answer."""
+        """After a refusal's close frame: give the client a moment to answer
+        (its close frame, or the end of the stream), then the socket closes."""
         with trio.move_on_after(CLOSE_GRACE):
-            while await stream.receive_some(RECEIVE_SIZE):
-                pass
+            ws = Connection(ConnectionType.SERVER)
+            while data := await stream.receive_some(RECEIVE_SIZE):
+                ws.receive_data(bytes(data))
+                if any(isinstance(event, CloseConnection) for event in ws.events()):
+                    return
 
     # -- HTTP ---------------------------------------------------------------------
 
