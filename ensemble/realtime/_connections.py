@@ -977,6 +977,27 @@ class ConnectionManager:
         """
         await self._ask_inbound(connection_id, _InboundMany(items, on_refused))
 
+    async def post_many(self, connection_id: str, items: list[Any], on_refused: Callable[[Any, Exception], None]) -> None:
+        """As :meth:`receive_many`, without waiting for the messages to be handled.
+
+        Returns once they are queued for the connection's actor (waiting
+        while 16 batches are queued: backpressure). A transport whose reads
+        bring one message at a time uses this, so that its client's next
+        message is read while the actor handles the previous ones.
+
+        Raises:
+            NotFound: The connection is not open (or is closing).
+        """
+        conn = self._connections.get(connection_id)
+        ref = None if conn is None else conn.ref
+        if conn is None or ref is None or not conn.registered:
+            await trio.lowlevel.checkpoint()
+            raise NotFound(f"no open connection {connection_id!r}")
+        try:
+            await ref.tell(_InboundMany(items, on_refused), timeout=None)
+        except ActorError:
+            raise NotFound(f"connection {connection_id!r} closed") from None
+
     async def _ask_inbound(self, connection_id: str, message: _Inbound | _InboundMany) -> Any:
         conn = self._connections.get(connection_id)
         ref = None if conn is None else conn.ref

@@ -367,14 +367,16 @@ class ProtocolHandler:
         except NotFound:
             pass  # closed meanwhile: nobody to answer
 
-    async def frames(self, connection_id: str, frames: list[str]) -> None:
+    async def frames(self, connection_id: str, frames: list[str], *, wait: bool = True) -> None:
         """Handle several frames the client sent, in order, in one step of its actor.
 
         What a transport calls with every frame one read of its socket
         brought; the same as :meth:`frame` for each, without a wake-up per
-        frame.
+        frame. With ``wait=False`` it returns once they are queued (the
+        connection's next frames can be read meanwhile; 16 batches queued
+        make it wait).
         """
-        if len(frames) == 1:
+        if wait and len(frames) == 1:
             await self.frame(connection_id, frames[0])
             return
 
@@ -387,7 +389,10 @@ class ProtocolHandler:
                 logger.error("handling a frame of connection %s failed", connection_id, exc_info=error)
 
         with contextlib.suppress(NotFound):  # closed meanwhile: nobody to answer
-            await self.hub.connections.receive_many(connection_id, frames, refused)
+            if wait:
+                await self.hub.connections.receive_many(connection_id, frames, refused)
+            else:
+                await self.hub.connections.post_many(connection_id, frames, refused)
 
     async def close(self, connection_id: str, *, code: int = CloseCode.NORMAL, reason: str = "") -> bool:
         """Close a connection by the id :meth:`open` returned.

@@ -708,8 +708,9 @@ class EnsembleApp:
         heartbeat.seen(connection_id)
         await handler.frame(connection_id, text)
 
-    async def client_frames(self, connection_id: str, texts: list[str]) -> None:
-        """Several text frames from a client (one read's worth), handled in one actor step."""
+    async def client_frames(self, connection_id: str, texts: list[str], *, wait: bool = True) -> None:
+        """Several text frames from a client (one read's worth), handled in one
+        actor step (``wait=False``: queued for it, see ``ProtocolHandler.frames``)."""
         handler, heartbeat = self.handler, self.heartbeat
         if handler is None or heartbeat is None:
             raise RuntimeError("the app is not running")
@@ -717,7 +718,7 @@ class EnsembleApp:
         counters.frames_in += len(texts)
         counters.bytes_in += sum(len(text) for text in texts)
         heartbeat.seen(connection_id)
-        await handler.frames(connection_id, texts)
+        await handler.frames(connection_id, texts, wait=wait)
 
     async def close_connection(self, connection_id: str, code: CloseCode, reason: str) -> None:
         """Close a client's connection with ``code`` (through its actor, after what it queued)."""
@@ -752,7 +753,9 @@ class EnsembleApp:
                 counters.protocol_errors += 1
                 await self.close_connection(connection_id, CloseCode.MESSAGE_TOO_BIG, "message too big")
                 continue
-            await self.client_frame(connection_id, text)
+            # Queued, not awaited: the next frame is read while the actor
+            # handles this one (a burst reaches the room as a burst).
+            await self.client_frames(connection_id, [text], wait=False)
 
 
 def create_app(
