@@ -1337,10 +1337,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", metavar="PNG", help="also plot the fan-out results here")
     parser.add_argument("--markdown", metavar="PATH", help="also write the Markdown section here")
     parser.add_argument("--workers", type=int, help="load-generator processes (default 2)")
+    parser.add_argument("--repeats", type=int, help="fan-out runs per size, the median kept (default 2)")
+    parser.add_argument("--run-timeout", type=float, help="seconds per counted run before a partial result (default 120)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.workers:
         sizes = attrs.evolve(sizes, workers=args.workers)
+    if args.repeats:
+        sizes = attrs.evolve(sizes, fanout_repeats=args.repeats)
+    if args.run_timeout:
+        sizes = attrs.evolve(sizes, run_timeout=args.run_timeout)
     command = " ".join([os.path.basename(sys.executable), "benchmarks/bench_transports.py", *map(shlex.quote, argv)])
     report = run(
         args.servers,

@@ -151,7 +151,8 @@ class _SessionTransport:
         await self.send_many([data])
 
     async def send_many(self, frames: list[bytes]) -> None:
-        await self._ready.wait()
+        if not self._ready.is_set():  # (no schedule point once it is: the fan-out path)
+            await self._ready.wait()
         first = self._first
         if first is not None:
             kept = [frame for frame in frames if not (frame is first or frame == first)]

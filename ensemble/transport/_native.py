@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket as _stdlib_socket
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
@@ -92,6 +93,11 @@ class NativeWebSocketTransport:
         self._stream = stream
         socket = getattr(stream, "socket", None)
         self._socket: trio.socket.SocketType | None = socket if isinstance(stream, trio.SocketStream) else None
+        # The non-blocking standard library socket trio's wraps (trio keeps it
+        # as ``_sock``), for writes that need no wait; trio's own ``send``
+        # where it is not there.
+        raw = getattr(self._socket, "_sock", None)
+        self._raw: _stdlib_socket.socket | None = raw if isinstance(raw, _stdlib_socket.socket) else None
         self._cache = cache
         self._counters = counters
         self._write_timeout = write_timeout
@@ -130,8 +136,15 @@ class NativeWebSocketTransport:
             await trio.lowlevel.checkpoint()
             return
         data = self._cache.frames(frames)
-        async with self._lock:
+        lock = self._lock
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()  # the common case: no schedule point
+        try:
             await self._write(data)
+        finally:
+            lock.release()
         counters = self._counters
         counters.frames_out += len(frames)
         counters.bytes_out += len(data)
@@ -209,9 +222,20 @@ class NativeWebSocketTransport:
                 view = memoryview(bytes(view) + data)
         else:
             view = memoryview(data)
+        raw = self._raw
         try:
             while view:
-                sent = await socket.send(view)
+                if raw is None:
+                    sent = await socket.send(view)
+                else:
+                    # Non-blocking: send what the kernel takes now (usually
+                    # everything) without a trip through the scheduler; wait
+                    # for room only when it takes nothing.
+                    try:
+                        sent = raw.send(view)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(raw)
+                        continue
                 view = view[sent:]
         except trio.Cancelled:
             self._unsent = view if view else None
