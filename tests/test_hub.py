@@ -755,3 +755,17 @@ async def test_a_room_started_from_the_store_takes_its_stored_config(autojump_cl
         await crash_until_given_up(hub, "r", 1)
         with pytest.raises(PermissionError):
             await again.join("b", "B")
+
+
+async def test_closing_connections_that_never_watched_does_not_ask_the_live_actor(autojump_clock: trio.testing.MockClock) -> None:
+    """A mass disconnect must not queue an ask per connection at the live-query actor."""
+    async with open_hub() as hub:
+        watcher = await hub.connect(MemoryTransport(), user_id="w")
+        await hub.live.watch("Order", subscriber=hub.connections.get_subscriber(watcher.connection_id))
+        others = [await hub.connect(MemoryTransport(), user_id=f"u{n}") for n in range(50)]
+        before = hub.live.ref.statistics().messages_handled
+        for info in others:
+            await hub.connections.disconnect(info.connection_id)
+        assert hub.live.ref.statistics().messages_handled == before
+        await hub.connections.disconnect(watcher.connection_id)  # its watch is ended
+        assert hub.live.ref.statistics().messages_handled == before + 1

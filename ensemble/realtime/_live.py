@@ -734,6 +734,7 @@ class LiveQuery:
         self.ref = ref
         self.store = store
         self._watches: dict[str, LiveWatch] = {}
+        self._watching: set[str] = set()  # connections that watched (or tried to), until they close
 
     @staticmethod
     def spec(store: LiveStore, *, id: str = "live", mailbox: MailboxConfig | None = None) -> ChildSpec:
@@ -791,6 +792,10 @@ class LiveQuery:
         """
         _check_filters(filters)
         if subscriber is not None:
+            # Noted before the ask: a connection that may have a watch is
+            # asked about when it closes (the others are not: a mass
+            # disconnect must not queue an ask per connection here).
+            self._watching.add(subscriber.connection_id)
             id, _ = await self.ref.ask(
                 _Watch(model=model_name, filters=filters, subscriber=subscriber, topic=topic, since=since, epoch=epoch)
             )
@@ -896,6 +901,10 @@ class LiveQuery:
         Returns:
             How many were ended.
         """
+        if connection_id not in self._watching:
+            await trio.lowlevel.checkpoint()
+            return 0  # it never watched: nothing to ask the actor
+        self._watching.discard(connection_id)
         return int(await self.ref.ask(_UnwatchConnection(connection_id)))
 
     def on_change(self, model_name: str) -> Callable[[Handler], Handler]:
