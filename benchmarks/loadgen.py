@@ -718,6 +718,8 @@ class Engine:
         k = data.count(MARKER)
         if k and c.role != "pub":
             self._deliver(c, k, data, 0, len(data), now)
+        elif k:
+            c.count += k  # the publisher's own copies (its window)
         if self.kind == "ensemble":
             if _ENSEMBLE_PING in data:
                 self._send(c, client_frame(_ENSEMBLE_PONG))
@@ -1156,19 +1158,28 @@ class Fleet:
 # -- publishing -------------------------------------------------------------------------------
 
 
-def _publish_burst(fleet: Fleet, pub: Client, messages: int, size: int, chunk: int = 64) -> dict[str, Any]:
-    """Write ``messages`` as fast as the server takes them (in chunks, each stamped when built)."""
+def _publish_burst(fleet: Fleet, pub: Client, messages: int, size: int, chunk: int = 64, window: int = 0) -> dict[str, Any]:
+    """Write ``messages`` as fast as the server takes them (in chunks, each stamped when built).
+
+    With a ``window``, at most that many messages are out at once: the
+    publisher (a member of the room) waits for its own copy of a message
+    before it goes beyond ``window`` (a publisher that does not outrun the
+    fan-out, as a flow-controlled client would).
+    """
     eng, kind, room = fleet.engine, fleet.target.kind, fleet.target.room
     start = time.monotonic_ns()
+    pub.count = 0
     seq = 0
     while seq < messages:
-        if pub.out:  # TCP backpressure: wait for the server to read
-            fleet.poll(0.01)
+        room_left = window - (seq - pub.count) if window else chunk
+        if pub.out or room_left <= 0:  # TCP backpressure (the server reads slower), or the window is full
+            fleet.poll(0.01 if pub.out else 0.001)
             if pub.state == CLOSED:
                 break
             continue
         now = time.monotonic_ns()
-        frames = [client_frame(publish_text(kind, room, 10 + s, payload(now, s, size))) for s in range(seq, min(messages, seq + chunk))]
+        last = min(messages, seq + min(chunk, room_left))
+        frames = [client_frame(publish_text(kind, room, 10 + s, payload(now, s, size))) for s in range(seq, last)]
         seq += len(frames)
         eng._send(pub, b"".join(frames))
         fleet.poll(0)
@@ -1242,17 +1253,20 @@ def _sample_every(expected: int, sample: int | None) -> int:
 # -- scenarios ----------------------------------------------------------------------------------
 
 
-def fanout(target: Target, clients: int = 1000, messages: int = 100, *, sample: int | None = None) -> dict[str, Any]:
-    """N clients, one publisher writing K messages pipelined: throughput, latency, CPU."""
+def fanout(target: Target, clients: int = 1000, messages: int = 100, *, sample: int | None = None, window: int = 0) -> dict[str, Any]:
+    """N clients, one publisher writing K messages pipelined (at most ``window``
+    unreceived by itself, 0: no bound): throughput, latency, CPU."""
+    if window and target.kind != "ensemble":
+        raise ValueError("--window needs a publisher that receives its own messages (kind ensemble)")
     raise_nofile_limit()
-    result = _header_of("fanout", target, clients=clients, messages=messages)
+    result = _header_of("fanout", target, clients=clients, messages=messages, window=window)
     with Fleet(target, clients) as fleet:
         result["setup"] = fleet.wait_ready()
         pub = _publisher(fleet, result)
         if pub is not None:
             result["settle_s"] = fleet.settle()
             every = _sample_every(clients * messages, sample)
-            result.update(fleet.run(messages, every, lambda: _publish_burst(fleet, pub, messages, target.size)))
+            result.update(fleet.run(messages, every, lambda: _publish_burst(fleet, pub, messages, target.size, window=window)))
         result["end"] = fleet.stop()
     return result
 
@@ -1437,6 +1451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", action="store_true", help="ensemble: ask for batched frames")
     parser.add_argument("--clients", type=int, help="default 1000 (slow: 100)")
     parser.add_argument("--messages", type=int, help="fanout: 100, slow: 1000")
+    parser.add_argument("--window", type=int, default=0, help="fanout: most messages the publisher has out (0: no bound; ensemble)")
     parser.add_argument("--rate", type=float, default=1000.0, help="openloop: messages/s")
     parser.add_argument("--duration", type=float, default=10.0, help="openloop: seconds")
     parser.add_argument("--hold", type=float, help="idle: hold the connections this many seconds (default: until stdin closes)")
@@ -1475,7 +1490,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     target.where()  # a bad URL fails before any process starts
     if args.scenario == "fanout":
-        result = fanout(target, args.clients or 1000, args.messages or 100, sample=args.sample)
+        result = fanout(target, args.clients or 1000, args.messages or 100, sample=args.sample, window=args.window)
     elif args.scenario == "openloop":
         result = openloop(target, args.clients or 1000, args.rate, args.duration, sample=args.sample)
     elif args.scenario == "idle":

@@ -59,6 +59,7 @@ import math
 import time
 import types
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
 from functools import partial
@@ -124,6 +125,40 @@ class BatchTransport(Transport, Protocol):
 
         The transport must not keep a reference to the list itself after
         returning (the caller may reuse it); the frames (``bytes``) it may keep.
+        """
+        ...
+
+
+class DirectTransport(BatchTransport, Protocol):
+    """A :class:`BatchTransport` that can also write without waiting.
+
+    The manager's one writer (see :class:`ConnectionManager`) writes every
+    ready connection of such a transport in turn, synchronously, instead of
+    waking each connection's actor: a fan-out of one event to a thousand
+    connections is then a thousand non-blocking socket writes in one task,
+    not a thousand task wake-ups. Whatever cannot be written without waiting
+    is left to the connection's actor (``send_many``).
+    """
+
+    direct_writes: bool
+    """Whether :meth:`send_nowait` can ever be used (a plain socket: yes; TLS: no)."""
+
+    def can_send_nowait(self) -> bool:
+        """Whether :meth:`send_nowait` may be called now (no write in
+        progress or pending, not closed)."""
+        ...
+
+    def send_nowait(self, frames: list[bytes]) -> bool:
+        """Write ``frames`` without waiting (only when :meth:`can_send_nowait`).
+
+        What the kernel does not take now is kept by the transport and
+        written first by the next ``send_many`` (which may be given no frames).
+
+        Returns:
+            Whether everything was written (``False``: a remainder is kept).
+
+        Raises:
+            trio.BrokenResourceError: The write failed (the client is gone).
         """
         ...
 
@@ -361,6 +396,9 @@ class _Connection:
     rate_violations: int = 0
     last_write: float = -math.inf
     flush_timer: bool = False
+    direct: _DirectWriter | None = None  # the manager's writer, for a DirectTransport
+    write_queued: bool = False  # in the direct writer's queue
+    send_error: Exception | None = None  # a direct write failed: the actor closes
 
     def info(self) -> ConnectionInfo:
         return ConnectionInfo(
@@ -372,7 +410,20 @@ class _Connection:
         )
 
     def flush_soon(self) -> None:
-        """The outbox's ``on_ready``: tell the actor to drain it."""
+        """The outbox's ``on_ready``: queue it for the direct writer, or tell
+        the actor to drain it."""
+        direct = self.direct
+        if direct is not None:
+            if not self.write_queued:
+                self.write_queued = True
+                direct.ready.append(self)
+                if not direct.scheduled:
+                    direct.schedule()
+            return
+        self.tell_flush()
+
+    def tell_flush(self) -> None:
+        """Tell the actor to drain the outbox."""
         ref = self.ref
         if ref is not None:
             with suppress(ActorError):
@@ -505,11 +556,13 @@ class _ConnectionActor(Actor):
         manager = self._manager
         transport = conn.transport
         send_many = getattr(transport, "send_many", None)
-        positions = conn.sent_positions
         interval = manager.min_write_interval
         while not conn.finishing:
             if outbox.overflowed:
                 await self._slow_consumer()
+                return
+            if conn.send_error is not None:
+                await self._send_failed(conn.send_error)
                 return
             if interval > 0 and not now and not outbox.closed:
                 # Coalescing: a connection that wrote less than the interval
@@ -525,37 +578,56 @@ class _ConnectionActor(Actor):
                     return
             batch = outbox.get_batch_nowait(manager.max_batch)
             if not batch:
+                if conn.direct is not None and send_many is not None and not transport.can_send_nowait():  # type: ignore[attr-defined]
+                    # What a direct write left (the kernel took part of it):
+                    # written here, where waiting for the socket is allowed.
+                    await self._send(partial(send_many, []), batch)
                 return
             conn.last_write = trio.current_time()
-            with trio.CancelScope() as scope:
-                conn.send_scope = scope
-                try:
-                    if len(batch) == 1:
-                        await transport.send(batch[0].encoded)
-                    elif manager.batch_frames:
-                        await transport.send(b"[" + b",".join([event.encoded for event in batch]) + b"]")
-                    elif send_many is not None:
-                        await send_many([event.encoded for event in batch])
-                    else:
-                        for event in batch:
-                            await transport.send(event.encoded)
-                            if event.seq is not None:
-                                positions[event.topic] = (event.epoch or "", event.seq)
-                        continue  # positions recorded frame by frame (a cancel skips this)
-                    _written(positions, batch)
-                except Exception as exc:
-                    conn.send_scope = None
-                    if conn.finishing:
-                        return  # closed under us: the send failing is expected
-                    manager._transport_errors += 1
-                    logger.info("send to connection %s failed: %r; closing it", conn.connection_id, exc)
-                    await manager._finish(conn, CLOSE_INTERNAL_ERROR, f"send failed: {type(exc).__name__}")
-                    self.stop()
-                    return
-                finally:
-                    conn.send_scope = None
-            if scope.cancelled_caught and not outbox.overflowed:
-                return  # finished by someone else
+            if len(batch) == 1:
+                written = await self._send(partial(transport.send, batch[0].encoded), batch)
+            elif manager.batch_frames:
+                written = await self._send(partial(transport.send, b"[" + b",".join([event.encoded for event in batch]) + b"]"), batch)
+            elif send_many is not None:
+                written = await self._send(partial(send_many, [event.encoded for event in batch]), batch)
+            else:
+                written = await self._send(partial(self._send_each, transport, batch), [])
+            if not written:
+                return
+
+    async def _send_each(self, transport: Transport, batch: list[Event]) -> None:
+        positions = self._conn.sent_positions
+        for event in batch:
+            await transport.send(event.encoded)
+            if event.seq is not None:
+                positions[event.topic] = (event.epoch or "", event.seq)
+
+    async def _send(self, write: Callable[[], Awaitable[None]], batch: list[Event]) -> bool:
+        """Run one write of the connection; ``False``: stop flushing (closed,
+        failed, or cancelled by an overflow's close)."""
+        conn = self._conn
+        with trio.CancelScope() as scope:
+            conn.send_scope = scope
+            try:
+                await write()
+                _written(conn.sent_positions, batch)
+            except Exception as exc:
+                conn.send_scope = None
+                if conn.finishing:
+                    return False  # closed under us: the send failing is expected
+                await self._send_failed(exc)
+                return False
+            finally:
+                conn.send_scope = None
+        return not (scope.cancelled_caught and not conn.outbox.overflowed)
+
+    async def _send_failed(self, exc: Exception) -> None:
+        conn = self._conn
+        manager = self._manager
+        manager._transport_errors += 1
+        logger.info("send to connection %s failed: %r; closing it", conn.connection_id, exc)
+        await manager._finish(conn, CLOSE_INTERNAL_ERROR, f"send failed: {type(exc).__name__}")
+        self.stop()
 
     async def _slow_consumer(self) -> None:
         conn = self._conn
@@ -574,6 +646,134 @@ class _ConnectionActor(Actor):
         )
         await manager._finish(conn, SLOW_CONSUMER, reason)
         self.stop()
+
+
+class _Write:
+    """Tells the direct writer that connections are ready."""
+
+
+_WRITE: Final = _Write()
+_WRITER_ID: Final = "writer"
+_WRITER_SLICE: Final = 256
+"""Connections the direct writer writes between two schedule points."""
+
+
+class _DirectWriter:
+    """The manager's shared writer of :class:`DirectTransport` connections.
+
+    ``ready`` holds the connections whose outbox went non-empty; one actor
+    (``ref``) takes them in turn and writes each one's queued events with one
+    non-blocking :meth:`DirectTransport.send_nowait`, so a fan-out wakes one
+    task, not one per recipient, and the events that arrive while it works
+    are written together (a burst coalesces by itself). A connection that
+    cannot be written to now (a write in progress or left over, an overflow,
+    a failed write) is handed to its own actor, which may wait.
+    """
+
+    __slots__ = ("manager", "ready", "ref", "scheduled")
+
+    def __init__(self, manager: ConnectionManager) -> None:
+        self.manager = manager
+        self.ready: deque[_Connection] = deque()
+        self.ref: ActorRef | None = None
+        self.scheduled = False
+
+    def schedule(self) -> None:
+        ref = self.ref
+        if ref is None:
+            self.hand_back()
+            return
+        try:
+            ref.tell_nowait(_WRITE)
+            self.scheduled = True
+        except ActorError:
+            self.hand_back()
+
+    def hand_back(self) -> None:
+        """The writer is gone (stopping): the queued connections' actors write them."""
+        ready = self.ready
+        while ready:
+            conn = ready.popleft()
+            conn.write_queued = False
+            conn.tell_flush()
+
+    async def write_ready(self) -> None:
+        manager = self.manager
+        ready = self.ready
+        max_batch = manager.max_batch
+        batch_frames = manager.batch_frames
+        count = 0
+        try:
+            while ready:
+                conn = ready.popleft()
+                conn.write_queued = False
+                try:
+                    self._write(conn, max_batch, batch_frames)
+                except Exception:
+                    # A transport's bug stays that connection's: its actor writes it.
+                    logger.exception("the direct write to %s failed; its actor writes it", conn.connection_id)
+                    conn.tell_flush()
+                count += 1
+                if count % _WRITER_SLICE == 0:
+                    await trio.lowlevel.checkpoint()  # let readers and rooms run
+        finally:
+            self.scheduled = False
+            if ready:
+                self.schedule()  # cancelled or crashed part-way: the rest goes on
+
+    def _write(self, conn: _Connection, max_batch: int, batch_frames: bool) -> None:
+        outbox = conn.outbox
+        if conn.finishing or not outbox:
+            return
+        transport: DirectTransport = conn.transport  # type: ignore[assignment]
+        if outbox.overflowed or conn.send_scope is not None or not transport.can_send_nowait():
+            conn.tell_flush()  # the actor waits where this writer cannot
+            return
+        batch = outbox.get_batch_nowait(max_batch)
+        if len(batch) == 1:
+            frames = [batch[0].encoded]
+        elif batch_frames:
+            frames = [b"[" + b",".join([event.encoded for event in batch]) + b"]"]
+        else:
+            frames = [event.encoded for event in batch]
+        try:
+            done = transport.send_nowait(frames)
+        except Exception as exc:
+            conn.send_error = exc
+            conn.tell_flush()
+            return
+        # A remainder kept by the transport is written before anything else
+        # (by the actor's next write, or before the close frame).
+        _written(conn.sent_positions, batch)
+        if not done:
+            conn.tell_flush()
+        elif outbox:  # more than max_batch queued: the rest after the others
+            conn.write_queued = True
+            self.ready.append(conn)
+
+
+class _WriterActor(Actor):
+    """Runs :meth:`_DirectWriter.write_ready` (restarted if it ever crashes)."""
+
+    mailbox = MailboxConfig(size=4, overflow="fail")
+
+    def __init__(self, writer: _DirectWriter) -> None:
+        self._writer = writer
+
+    async def on_start(self) -> None:
+        writer = self._writer
+        writer.ref = self.ref
+        writer.scheduled = False
+        if writer.ready:
+            writer.schedule()
+
+    async def receive(self, message: Any) -> None:
+        await self._writer.write_ready()
+
+    async def on_stop(self) -> None:
+        writer = self._writer
+        writer.ref = None
+        writer.hand_back()
 
 
 class ConnectionManager:
@@ -709,11 +909,24 @@ class ConnectionManager:
         self._crashes = 0
         self._hook_errors = 0
         self._rate_limited = 0
+        self._writer: _DirectWriter | None = None
 
     def __repr__(self) -> str:
         return f"<ConnectionManager {len(self._connections)} connections under {self.supervisor.path}>"
 
     # -- lifecycle -------------------------------------------------------------
+
+    async def _direct_writer(self) -> _DirectWriter:
+        """The shared writer of direct transports, started on first use."""
+        writer = self._writer
+        if writer is None:
+            writer = self._writer = _DirectWriter(self)
+            try:
+                await self.supervisor.start_child(ChildSpec(id=_WRITER_ID, factory=partial(_WriterActor, writer), restart="permanent"))
+            except BaseException:
+                self._writer = None
+                raise
+        return writer
 
     async def connect(
         self,
@@ -766,6 +979,8 @@ class ConnectionManager:
         )
         conn.outbox.on_ready = conn.flush_soon
         conn.outbox.on_overflow = conn.overflowed
+        if self.min_write_interval == 0 and getattr(transport, "direct_writes", False):
+            conn.direct = await self._direct_writer()
         # Registered before the actor starts, so concurrent connects count it.
         self._connections[connection_id] = conn
         if user_id is not None:

@@ -149,6 +149,47 @@ class NativeWebSocketTransport:
         counters.frames_out += len(frames)
         counters.bytes_out += len(data)
 
+    @property
+    def direct_writes(self) -> bool:
+        """Whether :meth:`send_nowait` can be used (a plain socket, not TLS)."""
+        return self._raw is not None
+
+    def can_send_nowait(self) -> bool:
+        """Whether :meth:`send_nowait` may be called now: a plain socket, open,
+        with no write in progress and nothing left over from one."""
+        return self._raw is not None and self._unsent is None and self.close_code is None and not self.peer_gone and not self._lock.locked()
+
+    def send_nowait(self, frames: list[bytes]) -> bool:
+        """Write ``frames`` as text frames now, without waiting (the hub's
+        direct writer; only when :meth:`can_send_nowait`).
+
+        Returns:
+            Whether the kernel took everything; if not, the rest is kept and
+            written first by the next :meth:`send_many` (or before the close
+            frame).
+
+        Raises:
+            trio.BrokenResourceError: The write failed (the client is gone).
+        """
+        raw = self._raw
+        assert raw is not None
+        assert self._unsent is None
+        data = self._cache.frames(frames)
+        counters = self._counters
+        counters.frames_out += len(frames)
+        counters.bytes_out += len(data)
+        try:
+            sent = raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.peer_gone = True
+            raise trio.BrokenResourceError(f"WebSocket send failed: {exc}") from None
+        if sent == len(data):
+            return True
+        self._unsent = memoryview(data)[sent:]
+        return False
+
     async def control(self, data: bytes) -> None:
         """Write a control frame (the reader's pongs); dropped once closing."""
         if self.close_code is not None or self.peer_gone:

@@ -1,0 +1,311 @@
+"""The connection manager's direct writer (transports with ``send_nowait``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from ensemble.actors import Supervisor
+from ensemble.realtime._connections import (
+    CLOSE_INTERNAL_ERROR,
+    SLOW_CONSUMER,
+    ConnectionManager,
+    MemoryTransport,
+)
+from ensemble.realtime._events import Event, EventBatch
+
+
+async def settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+class DirectMemoryTransport(MemoryTransport):
+    """A :class:`MemoryTransport` with ``send_nowait``, like the native transport.
+
+    ``room`` is how many frames the "kernel" takes per direct write (``None``:
+    all); the rest is kept and written first by the next ``send_many`` or
+    before the close, as the native transport does with its bytes.
+    """
+
+    direct_writes = True
+
+    def __init__(self, room: int | None = None) -> None:
+        super().__init__()
+        self.room = room
+        self.pending: list[bytes] = []
+        self.direct: list[int] = []  # frames per send_nowait call
+        self.waited: list[int] = []  # frames per send_many call (the actor's writes)
+        self.writing = False  # an actor's send_many in progress (the native transport's lock)
+
+    def can_send_nowait(self) -> bool:
+        return not self.closed and not self.pending and not self.writing
+
+    def send_nowait(self, frames: list[bytes]) -> bool:
+        assert self.can_send_nowait()
+        if self._error is not None:
+            raise self._error
+        self.direct.append(len(frames))
+        taken = frames if self.room is None else frames[: self.room]
+        self.sent.extend(taken)
+        self.pending = list(frames[len(taken) :])
+        return not self.pending
+
+    async def send_many(self, frames: list[bytes]) -> None:
+        self.waited.append(len(frames))
+        self.writing = True
+        try:
+            await self._writable()
+        finally:
+            self.writing = False
+        self.sent.extend(self.pending)
+        self.pending = []
+        self.sent.extend(frames)
+
+    async def send(self, data: bytes) -> None:
+        await self.send_many([data])
+
+    async def close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.sent.extend(self.pending)  # the interrupted write is finished first
+            self.pending = []
+        await super().close(code, reason)
+
+
+def event(n: int, topic: str = "room:a") -> Event:
+    return Event(type="message", topic=topic, data={"n": n}, seq=n, epoch="e")
+
+
+async def connect(manager: ConnectionManager, transport: MemoryTransport) -> Any:
+    info = await manager.connect(transport)
+    subscriber = manager.get_subscriber(info.connection_id)
+    assert subscriber is not None
+    return subscriber
+
+
+async def test_a_fan_out_is_written_by_the_one_writer(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = ConnectionManager(supervisor)
+    transports = [DirectMemoryTransport() for _ in range(50)]
+    subscribers = [await connect(manager, transport) for transport in transports]
+    await settle()
+    shared = event(1)
+    for subscriber in subscribers:
+        subscriber.deliver_nowait(shared)
+    await settle()
+    for transport in transports:
+        assert transport.direct == [1]
+        assert transport.waited == []  # no connection actor wrote
+        assert transport.sent == [shared.encoded]
+    # The writer is one actor under the connections' supervisor, not one per connection.
+    assert supervisor.child("writer") is not None
+
+
+async def test_events_queued_before_the_writer_runs_go_out_together(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = ConnectionManager(supervisor)
+    transport = DirectMemoryTransport()
+    subscriber = await connect(manager, transport)
+    await settle()
+    for n in range(1, 6):
+        subscriber.deliver_nowait(event(n))
+    subscriber.deliver_batch_nowait(EventBatch([event(n) for n in range(6, 9)]))
+    await settle()
+    assert transport.direct == [8]
+    assert [frame["data"]["n"] for frame in transport.frames] == list(range(1, 9))
+    assert manager.outbox_statistics(manager.get_all_connections()[0].connection_id).delivered == 8  # type: ignore[union-attr]
+
+
+async def test_what_the_kernel_did_not_take_is_written_by_the_actor_in_order(
+    supervisor: Supervisor, autojump_clock: trio.abc.Clock
+) -> None:
+    manager = ConnectionManager(supervisor)
+    transport = DirectMemoryTransport(room=2)
+    subscriber = await connect(manager, transport)
+    await settle()
+    for n in range(1, 6):
+        subscriber.deliver_nowait(event(n))
+    await settle()
+    # Two went directly; the three left were written by the actor (which may wait).
+    assert transport.direct == [5]
+    assert transport.waited == [0]
+    assert [frame["data"]["n"] for frame in transport.frames] == [1, 2, 3, 4, 5]
+    transport.room = None
+    subscriber.deliver_nowait(event(6))
+    await settle()
+    assert transport.direct == [5, 1]  # direct again once nothing is left over
+    assert [frame["data"]["n"] for frame in transport.frames] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_events_arriving_while_the_actor_waits_follow_the_remainder(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = ConnectionManager(supervisor)
+    transport = DirectMemoryTransport(room=1)
+    subscriber = await connect(manager, transport)
+    await settle()
+    transport.block()  # the client stops reading: the actor's write of the remainder waits
+    subscriber.deliver_nowait(event(1))
+    subscriber.deliver_nowait(event(2))
+    await settle()
+    assert transport.direct == [2]
+    assert transport.writing
+    for n in range(3, 5):
+        subscriber.deliver_nowait(event(n))  # not direct: the actor is writing
+        await settle()
+    assert transport.direct == [2]
+    assert [frame["data"]["n"] for frame in transport.frames] == [1]
+    transport.unblock()
+    await settle()
+    assert [frame["data"]["n"] for frame in transport.frames] == [1, 2, 3, 4]
+    subscriber.deliver_nowait(event(5))
+    await settle()
+    assert transport.direct == [2, 1]
+
+
+async def test_a_slow_consumer_on_a_direct_transport_is_closed_with_written_positions(
+    supervisor: Supervisor, autojump_clock: trio.abc.Clock
+) -> None:
+    manager = ConnectionManager(supervisor, outbox_max_events=3)
+    transport = DirectMemoryTransport(room=2)
+    subscriber = await connect(manager, transport)
+    await settle()
+    transport.block()  # the remainder cannot be written by the actor
+    for n in range(1, 4):
+        subscriber.deliver_nowait(event(n))
+    await settle()
+    assert [json.loads(frame)["data"]["n"] for frame in transport.sent] == [1, 2]  # event 3 is kept by the transport
+    for n in range(4, 9):
+        subscriber.deliver_nowait(event(n))
+        await settle()
+    assert transport.close_code == SLOW_CONSUMER
+    assert transport.close_reason is not None
+    # Event 3 was handed to the transport, which writes it before the close frame.
+    assert json.loads(transport.close_reason)["positions"] == {"room:a": ["e", 3]}
+    assert [frame["data"]["n"] for frame in transport.frames] == [1, 2, 3]
+
+
+async def test_a_failed_direct_write_closes_only_that_connection(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    closed: list[str] = []
+    manager = ConnectionManager(supervisor)
+
+    async def on_disconnect(info: Any) -> None:
+        closed.append(info.connection_id)
+
+    manager.on_disconnect = on_disconnect
+    broken, healthy = DirectMemoryTransport(), DirectMemoryTransport()
+    subscribers = [await connect(manager, broken), await connect(manager, healthy)]
+    await settle()
+    broken.fail()
+    for subscriber in subscribers:
+        subscriber.deliver_nowait(event(1))
+    await settle()
+    assert broken.close_code == CLOSE_INTERNAL_ERROR
+    assert broken.close_reason == "send failed: BrokenResourceError"
+    assert len(closed) == 1
+    assert manager.statistics().transport_errors == 1
+    assert healthy.close_code is None
+    assert [frame["data"]["n"] for frame in healthy.frames] == [1]
+
+
+async def test_max_batch_takes_turns_between_connections(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = ConnectionManager(supervisor, max_batch=2)
+    transports = [DirectMemoryTransport(), DirectMemoryTransport()]
+    subscribers = [await connect(manager, transport) for transport in transports]
+    await settle()
+    order: list[int] = []
+    for index, transport in enumerate(transports):
+        original = transport.send_nowait
+
+        def recording(frames: list[bytes], original: Any = original, index: int = index) -> bool:
+            order.append(index)
+            result: bool = original(frames)
+            return result
+
+        transport.send_nowait = recording  # type: ignore[method-assign]
+    for subscriber in subscribers:
+        for n in range(1, 6):
+            subscriber.deliver_nowait(event(n))
+    await settle()
+    assert order == [0, 1, 0, 1, 0, 1]
+    for transport in transports:
+        assert transport.direct == [2, 2, 1]
+        assert [frame["data"]["n"] for frame in transport.frames] == [1, 2, 3, 4, 5]
+
+
+async def test_batch_frames_on_the_direct_path(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = ConnectionManager(supervisor, batch_frames=True)
+    transport = DirectMemoryTransport()
+    subscriber = await connect(manager, transport)
+    await settle()
+    for n in range(1, 4):
+        subscriber.deliver_nowait(event(n))
+    await settle()
+    assert transport.direct == [1]
+    assert [item["data"]["n"] for item in transport.frames[0]] == [1, 2, 3]
+
+
+async def test_a_write_interval_uses_the_actors(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = ConnectionManager(supervisor, min_write_interval=0.05)
+    transport = DirectMemoryTransport()
+    subscriber = await connect(manager, transport)
+    await settle()
+    subscriber.deliver_nowait(event(1))
+    await settle()
+    assert transport.direct == []
+    assert transport.waited == [1]
+
+
+async def test_a_transport_that_raises_in_the_writer_is_written_by_its_actor(
+    supervisor: Supervisor, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = ConnectionManager(supervisor)
+    odd, fine = DirectMemoryTransport(), DirectMemoryTransport()
+    subscribers = [await connect(manager, odd), await connect(manager, fine)]
+    await settle()
+
+    calls = []
+
+    def broken_check() -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the transport")
+        return not odd.pending and not odd.writing
+
+    odd.can_send_nowait = broken_check  # type: ignore[method-assign]
+    for subscriber in subscribers:
+        subscriber.deliver_nowait(event(1))
+    await settle()
+    assert odd.waited == [1]
+    assert fine.direct == [1]
+    assert "the direct write to" in caplog.text
+    assert odd.close_code is None
+
+
+async def test_closing_writes_the_queue_and_the_writer_skips_closed_connections(
+    supervisor: Supervisor, autojump_clock: trio.abc.Clock
+) -> None:
+    manager = ConnectionManager(supervisor)
+    transport = DirectMemoryTransport()
+    subscriber = await connect(manager, transport)
+    await settle()
+    for n in range(1, 4):
+        subscriber.deliver_nowait(event(n))
+    await manager.disconnect(manager.get_all_connections()[0].connection_id, reason="bye")
+    await settle()
+    assert [frame["data"]["n"] for frame in transport.frames] == [1, 2, 3]
+    assert transport.close_reason == "bye"
+    assert not subscriber.deliver_nowait(event(4))
+
+
+async def test_a_supervisor_shutdown_with_writes_queued(autojump_clock: trio.abc.Clock) -> None:
+    from ensemble.actors import open_supervisor
+
+    transports = [DirectMemoryTransport() for _ in range(3)]
+    async with open_supervisor(name="s") as supervisor:
+        manager = ConnectionManager(supervisor)
+        subscribers = [await connect(manager, transport) for transport in transports]
+        await settle()
+        for subscriber in subscribers:
+            subscriber.deliver_nowait(event(1))
+    for transport in transports:
+        assert transport.closed
