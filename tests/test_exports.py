@@ -111,6 +111,7 @@ EXPECTED: dict[str, set[str]] = {
         "ws_authenticated",
         "RATE_LIMITED",
         "BatchTransport",
+        "DirectTransport",
         "LIVE_RESET",
     },
     "ensemble.actors": {

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+from _direct import DirectMemoryTransport
 
 from ensemble import HubConfig, MemoryTransport, RoomConfig, WSRateLimitConfig, open_hub
 from ensemble.protocol import CloseCode
@@ -93,6 +94,18 @@ async def hub() -> AsyncIterator[Hub]:
         yield hub
 
 
+TRANSPORTS = {"memory": MemoryTransport, "direct": DirectMemoryTransport}
+_make_transport: type[MemoryTransport] = MemoryTransport
+
+
+@pytest.fixture(autouse=True, params=sorted(TRANSPORTS))
+def transport_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the connections' transports written by their actors
+    (``memory``) and by the hub's direct writer (``direct``, like the native transport)."""
+    monkeypatch.setattr(f"{__name__}._make_transport", TRANSPORTS[request.param])
+    return str(request.param)
+
+
 @pytest.fixture
 def tokens() -> Tokens:
     return Tokens()
@@ -104,7 +117,7 @@ def handler(hub: Hub, tokens: Tokens) -> ProtocolHandler:
 
 
 async def connect(handler: ProtocolHandler, user: str | None, **kwargs: Any) -> Client:
-    transport = MemoryTransport()
+    transport = _make_transport()
     info = await handler.open(transport, None if user is None else Identity(user_id=user), **kwargs)
     return Client(handler, transport, info.connection_id)
 

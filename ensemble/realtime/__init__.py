@@ -22,6 +22,7 @@ from ._connections import (
     BatchTransport as BatchTransport,
     ConnectionManager as ConnectionManager,
     ConnectionManagerStatistics as ConnectionManagerStatistics,
+    DirectTransport as DirectTransport,
     MemoryTransport as MemoryTransport,
     RoomStats as RoomStats,
     Transport as Transport,

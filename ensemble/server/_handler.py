@@ -51,6 +51,7 @@ from ..realtime import (
     ApprovalRequired,
     Banned,
     ConnectionInfo,
+    DirectTransport,
     HistoryUnavailable,
     Hub,
     InvalidMessage,
@@ -132,6 +133,7 @@ class _SessionTransport:
         self._ready = trio.Event()
         self._first: bytes | None = None
         self._first_written = True
+        self._held = False
         self.closed = False
 
     def put_first(self, first: bytes | None) -> None:
@@ -147,12 +149,56 @@ class _SessionTransport:
         self._first_written = first is None
         self._ready.set()
 
+    def hold(self) -> None:
+        """Keep the direct writer out (until :meth:`release`): the connection's
+        actor is about to put a frame first, and its actor writes nothing
+        while it works either."""
+        self._held = True
+
+    def release(self) -> None:
+        """Undo :meth:`hold` (what was queued meanwhile is written by the actor)."""
+        self._held = False
+
     async def send(self, data: bytes) -> None:
         await self.send_many([data])
 
     async def send_many(self, frames: list[bytes]) -> None:
         if not self._ready.is_set():  # (no schedule point once it is: the fan-out path)
             await self._ready.wait()
+        send_many = getattr(self.inner, "send_many", None)
+        if not frames:
+            if send_many is not None:
+                await send_many([])  # what an interrupted or partial write left
+            return
+        frames = self._prepare(frames)
+        if not frames:
+            return
+        if send_many is not None:
+            await send_many(frames)
+        else:
+            for frame in frames:
+                await self.inner.send(frame)
+
+    @property
+    def direct_writes(self) -> bool:
+        """Whether the client's transport can be written without waiting (the hub's direct writer)."""
+        return bool(getattr(self.inner, "direct_writes", False))
+
+    def can_send_nowait(self) -> bool:
+        """Whether :meth:`send_nowait` may be called now (after the ``welcome``)."""
+        inner: DirectTransport = self.inner  # type: ignore[assignment]
+        return self._ready.is_set() and not self._held and inner.can_send_nowait()
+
+    def send_nowait(self, frames: list[bytes]) -> bool:
+        """:meth:`send_many` without waiting (see :class:`~ensemble.realtime.DirectTransport`)."""
+        frames = self._prepare(frames)
+        if not frames:
+            return True
+        inner: DirectTransport = self.inner  # type: ignore[assignment]
+        return inner.send_nowait(frames)
+
+    def _prepare(self, frames: list[bytes]) -> list[bytes]:
+        """The first frame ahead, its queued copy skipped; joined when batching."""
         first = self._first
         if first is not None:
             kept = [frame for frame in frames if not (frame is first or frame == first)]
@@ -162,16 +208,9 @@ class _SessionTransport:
                 kept.insert(0, first)
                 self._first_written = True
             frames = kept
-        if not frames:
-            return
         if self._session.batch and len(frames) > 1:
             frames = _join(frames, self._handler.max_message_size)
-        send_many = getattr(self.inner, "send_many", None)
-        if send_many is not None:
-            await send_many(frames)
-        else:
-            for frame in frames:
-                await self.inner.send(frame)
+        return frames
 
     async def close(self, code: int, reason: str) -> None:
         self.closed = True
@@ -599,8 +638,18 @@ class ProtocolHandler:
         written until it returns: the reply is put ahead of the notifications
         the hub replayed into the outbox.
         """
-        cid = session.connection_id
         since = command.since.as_tuple() if command.since is not None else session.resume
+        transport = session.transport
+        if transport is not None:
+            transport.hold()  # the direct writer too: the reply goes ahead of the replay
+        try:
+            return await self._authenticate_held(session, identity, command, since)
+        finally:
+            if transport is not None:
+                transport.release()
+
+    async def _authenticate_held(self, session: _Session, identity: Identity, command: cmd.Auth, since: tuple[str, int] | None) -> object:
+        cid = session.connection_id
         try:
             connected = await self.hub.authenticate(cid, identity.user_id, notifications_since=since)
         except NotFound:
