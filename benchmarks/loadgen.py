@@ -1081,6 +1081,7 @@ class Fleet:
         clients = sum(n or 0 for n in self.gather("armed", 30))
         pid = self.target.server_pid
         server0 = cpu_seconds(pid) if pid else None
+        print(f"loadgen: armed {clients} clients; publishing", file=sys.stderr, flush=True)  # for profilers: the run starts
         pub = publish()
         results = [r for r in self.gather("result", timeout + 30) if r]
         server1 = cpu_seconds(pid) if pid else None

@@ -257,3 +257,63 @@ async def test_a_supervisor_shutdown_with_writes_queued(autojump_clock: trio.abc
             subscriber.deliver_nowait(event(1))
     for transport in transports:
         assert transport.closed
+
+
+class RelayTransport(DirectMemoryTransport):
+    """Like the ASGI transport: a writer task of its own, busy or idle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.busy = False
+        self.callback: Any = None
+
+    def can_send_nowait(self) -> bool:
+        return super().can_send_nowait() and not self.busy
+
+    def wake_when_writable(self, callback: Any) -> bool:
+        if self.closed or not self.busy:
+            return False
+        self.callback = callback
+        return True
+
+    def idle(self) -> None:
+        self.busy = False
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback()
+
+
+async def test_a_busy_transport_wakes_the_writer_when_it_is_idle(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = ConnectionManager(supervisor)
+    transport = RelayTransport()
+    subscriber = await connect(manager, transport)
+    await settle()
+    subscriber.deliver_nowait(event(1))
+    await settle()
+    transport.busy = True  # its writer task is writing event 1
+    for n in range(2, 5):
+        subscriber.deliver_nowait(event(n))
+        await settle()
+    assert transport.callback is not None
+    assert transport.direct == [1]
+    assert transport.waited == []  # the connection's actor did not wait for it either
+    transport.idle()
+    await settle()
+    assert transport.direct == [1, 3]  # what queued meanwhile, in one hand-over
+    assert [frame["data"]["n"] for frame in transport.frames] == [1, 2, 3, 4]
+
+
+async def test_a_busy_transport_still_closes_a_slow_consumer(supervisor: Supervisor, autojump_clock: trio.abc.Clock) -> None:
+    manager = ConnectionManager(supervisor, outbox_max_events=3)
+    transport = RelayTransport()
+    subscriber = await connect(manager, transport)
+    await settle()
+    subscriber.deliver_nowait(event(1))
+    await settle()
+    transport.busy = True  # and never idle again (a client that stopped reading)
+    for n in range(2, 7):
+        subscriber.deliver_nowait(event(n))
+        await settle()
+    assert transport.close_code == SLOW_CONSUMER
+    assert transport.close_reason is not None
+    assert json.loads(transport.close_reason)["positions"] == {"room:a": ["e", 1]}

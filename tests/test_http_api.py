@@ -165,7 +165,7 @@ async def test_metrics_text_has_the_expected_names() -> None:
             'ensemble_mailbox_depth_max{group="rooms"}',
             'ensemble_mailbox_drops_total{group="rooms"}',
             'ensemble_restarts_total{group="rooms"}',
-            'ensemble_actors{group="connections"} 1.0',
+            'ensemble_actors{group="connections"} 2.0',  # the connection and the direct writer
             "ensemble_heartbeat_pings_total",
         ):
             assert name in text, name

@@ -148,6 +148,11 @@ class DirectTransport(BatchTransport, Protocol):
         progress or pending, not closed)."""
         ...
 
+    # Optional: ``def wake_when_writable(self, callback: Callable[[], None]) -> bool``
+    # for a transport that becomes writable by itself (a writer task of its
+    # own is busy): it calls ``callback`` once when it is and returns True,
+    # and the connection waits for that instead of its actor waiting.
+
     def send_nowait(self, frames: list[bytes]) -> bool:
         """Write ``frames`` without waiting (only when :meth:`can_send_nowait`).
 
@@ -726,8 +731,13 @@ class _DirectWriter:
         if conn.finishing or not outbox:
             return
         transport: DirectTransport = conn.transport  # type: ignore[assignment]
-        if outbox.overflowed or conn.send_scope is not None or not transport.can_send_nowait():
-            conn.tell_flush()  # the actor waits where this writer cannot
+        if outbox.overflowed or conn.send_scope is not None:
+            conn.tell_flush()  # the actor closes it, or is writing anyway
+            return
+        if not transport.can_send_nowait():
+            wake = getattr(transport, "wake_when_writable", None)
+            if wake is None or not wake(conn.flush_soon):
+                conn.tell_flush()  # the actor waits where this writer cannot
             return
         batch = outbox.get_batch_nowait(max_batch)
         if len(batch) == 1:
@@ -979,7 +989,7 @@ class ConnectionManager:
         )
         conn.outbox.on_ready = conn.flush_soon
         conn.outbox.on_overflow = conn.overflowed
-        if self.min_write_interval == 0 and getattr(transport, "direct_writes", False):
+        if getattr(transport, "direct_writes", False) and (self.min_write_interval == 0 or getattr(transport, "paces_writes", False)):
             conn.direct = await self._direct_writer()
         # Registered before the actor starts, so concurrent connects count it.
         self._connections[connection_id] = conn

@@ -184,10 +184,22 @@ class _SessionTransport:
         """Whether the client's transport can be written without waiting (the hub's direct writer)."""
         return bool(getattr(self.inner, "direct_writes", False))
 
+    @property
+    def paces_writes(self) -> bool:
+        """Whether the client's transport keeps ``min_write_interval`` itself."""
+        return bool(getattr(self.inner, "paces_writes", False))
+
     def can_send_nowait(self) -> bool:
         """Whether :meth:`send_nowait` may be called now (after the ``welcome``)."""
         inner: DirectTransport = self.inner  # type: ignore[assignment]
         return self._ready.is_set() and not self._held and inner.can_send_nowait()
+
+    def wake_when_writable(self, callback: Callable[[], None]) -> bool:
+        """The client transport's ``wake_when_writable``, if it has one (not while held)."""
+        wake = getattr(self.inner, "wake_when_writable", None)
+        if wake is None or not self._ready.is_set() or self._held:
+            return False
+        return bool(wake(callback))
 
     def send_nowait(self, frames: list[bytes]) -> bool:
         """:meth:`send_many` without waiting (see :class:`~ensemble.realtime.DirectTransport`)."""

@@ -36,10 +36,15 @@ of the trio run (it takes a lock), but it writes to the socket inside a
 *shielded* cancel scope, so an actor blocked on a client that stopped
 reading could not be cancelled (no slow-consumer close, no shutdown). So
 each connection has a relay: its own writer task (in the connection's ASGI
-task) does the ASGI sends, and the actor waits for the batch in a
-cancellable wait. One ``websocket.send`` per frame (no batching across
-frames, as the protocol requires); the text of a frame shared by many
-recipients is decoded once.
+task) does the ASGI sends. The hub's direct writer hands it each drained
+batch without waiting (``send_nowait``) while it is idle; while it is busy
+the events stay in the connection's bounded outbox and the relay asks for
+them when it is done (``wake_when_writable``), so a burst is handed over in
+few batches and the slow-consumer policy still applies. (The connection's
+actor, when it writes, waits for its batch in a cancellable wait.) The
+relay also keeps the hub's ``min_write_interval``. One ``websocket.send``
+per frame (no batching across frames unless the client asked for it); the
+text of a frame shared by many recipients is decoded once.
 
 Everything else (``/healthz``, ``/readyz``, ``/metrics``, ``/api/...``) is
 the HTTP API; other paths go to the optional ``fallback`` ASGI app, or get
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -93,10 +99,22 @@ _BEFORE_UPGRADE: Final = {CloseCode.POLICY_VIOLATION: 403}
 # -- the transport ------------------------------------------------------------------
 
 
+class _Done:
+    """Stands for the ``done`` event of a job nobody waits for (a direct write)."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+
+_NOBODY: Final = _Done()
+
+
 @attrs.define(eq=False)
 class _Job:
     texts: list[str]
-    done: trio.Event = attrs.field(factory=trio.Event)
+    done: trio.Event | _Done = attrs.field(factory=trio.Event)
     abandoned: bool = False
     error: BaseException | None = None
 
@@ -167,12 +185,16 @@ class AsgiWebSocketTransport:
         counters: Where frames and bytes written are counted.
     """
 
-    def __init__(self, send: Send, counters: TransportCounters | None = None) -> None:
+    def __init__(self, send: Send, counters: TransportCounters | None = None, *, min_write_interval: float = 0.0) -> None:
         self._send = send
+        self._interval = min_write_interval
+        self._written_at = -math.inf  # when the relay last finished a write
         self._counters = counters if counters is not None else TransportCounters()
         self._jobs: deque[_Job | _CloseJob] = deque()
         self._wake = trio.Event()
         self._close_job: _CloseJob | None = None
+        self._writing = False  # the relay is in a job
+        self._on_writable: Callable[[], None] | None = None
         self.peer_gone = False
         self.close_code: int | None = None
         self.closed_sent = trio.Event()
@@ -205,15 +227,48 @@ class AsgiWebSocketTransport:
         if self.peer_gone:  # the client left; the hub is being told
             await trio.lowlevel.checkpoint()
             return
-        job = _Job([_TEXTS.text(frame) for frame in frames])
+        done = trio.Event()
+        job = _Job([_TEXTS.text(frame) for frame in frames], done)
         self._push(job)
         try:
-            await job.done.wait()
+            await done.wait()
         except BaseException:
             job.abandoned = True
             raise
         if job.error is not None:
             raise trio.BrokenResourceError(f"WebSocket send failed: {type(job.error).__name__}") from job.error
+
+    # The hub's direct writer: hand a batch to the relay without waiting for it.
+    direct_writes: Final = True
+    paces_writes: Final = True
+    """The relay keeps the hub's ``min_write_interval`` itself (direct writes stay on)."""
+
+    def can_send_nowait(self) -> bool:
+        """Whether :meth:`send_nowait` may be called: open, the relay idle, and
+        ``min_write_interval`` passed since its last write."""
+        if self._close_job is not None or self.peer_gone or self._writing or self._jobs:
+            return False
+        return not self._interval or trio.current_time() >= self._written_at + self._interval
+
+    def send_nowait(self, frames: list[bytes]) -> bool:
+        """Hand ``frames`` to the relay (written in order, before anything
+        handed over later, and before the close frame); nobody waits."""
+        self._push(_Job([_TEXTS.text(frame) for frame in frames], _NOBODY))
+        return True
+
+    def wake_when_writable(self, callback: Callable[[], None]) -> bool:
+        """While the relay is busy: call ``callback`` once when it is idle again.
+
+        Returns:
+            Whether it will (``False``: closed, or not busy).
+        """
+        if self._close_job is not None or self.peer_gone:
+            return False
+        if not (self._writing or self._jobs or (self._interval and trio.current_time() < self._written_at + self._interval)):
+            return False
+        self._on_writable = callback
+        self._wake.set()  # an idle relay waits out the interval, then calls it
+        return True
 
     async def close(self, code: int, reason: str) -> None:
         """Close the WebSocket with ``code`` (once; later calls wait for the first)."""
@@ -231,9 +286,18 @@ class AsgiWebSocketTransport:
     async def run_writer(self) -> None:
         """The relay: do the ASGI sends the hub asked for, until closed."""
         while True:
-            while not self._jobs:
+            if not self._jobs:
+                callback = self._on_writable
+                if callback is not None:
+                    if self._interval:
+                        # Events pile up in the outbox meanwhile: one write for them all.
+                        await trio.sleep_until(self._written_at + self._interval)
+                    self._on_writable = None
+                    callback()  # the hub's direct writer hands over what queued meanwhile
+                    continue
                 self._wake = trio.Event()
                 await self._wake.wait()
+                continue
             job = self._jobs.popleft()
             if isinstance(job, _CloseJob):
                 await self._write_close(job)
@@ -247,6 +311,7 @@ class AsgiWebSocketTransport:
 
     async def _write(self, job: _Job) -> None:
         counters = self._counters
+        self._writing = True
         try:
             for text in job.texts:
                 if job.abandoned or self.peer_gone:
@@ -256,7 +321,12 @@ class AsgiWebSocketTransport:
                 counters.bytes_out += len(text)
         except Exception as exc:  # hypercorn's and the socket's errors, translated here
             job.error = exc
+            if job.done is _NOBODY:
+                logger.debug("a WebSocket send failed: %r", exc)
+                self.peer_gone = True  # the read loop sees the disconnect and closes
         finally:
+            self._writing = False
+            self._written_at = trio.current_time()
             job.done.set()
 
     async def _write_close(self, job: _CloseJob) -> None:
@@ -619,7 +689,7 @@ class EnsembleApp:
         if result.subprotocol is not None:
             accept["subprotocol"] = result.subprotocol
         await send(accept)
-        transport = AsgiWebSocketTransport(send, self.counters)
+        transport = AsgiWebSocketTransport(send, self.counters, min_write_interval=self.config.hub.min_write_interval)
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as reading:
 
