@@ -185,6 +185,39 @@ def test_a_configuration_error_exits_2(capsys: pytest.CaptureFixture[str]) -> No
     assert "Traceback" not in err
 
 
+@pytest.fixture(autouse=True)
+def restore_gc() -> Any:
+    """``ensemble serve`` tunes the process's garbage collector: undone after each test."""
+    import gc
+
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [([], 50_000), (["--config", "GC"], 0)])
+def test_serve_tunes_the_garbage_collector(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None, tmp_path: Any, argv: list[str], expected: int
+) -> None:
+    import gc
+
+    gc.set_threshold(700, 10, 10)
+    seen: list[tuple[int, int, int]] = []
+    frozen: list[int] = []
+    monkeypatch.setattr(cli, "_load_serve", lambda: lambda config: (seen.append(gc.get_threshold()), frozen.append(gc.get_freeze_count())))
+    if argv:
+        path = tmp_path / "ensemble.toml"
+        path.write_text("[server]\ngc_threshold = 0\n")
+        argv = ["--config", str(path)]
+    assert cli.main(["serve", *argv]) == 0
+    if expected:
+        assert seen == [(expected, 20, 100)]
+        assert frozen[0] > 0  # the start-up objects are never scanned again
+    else:
+        assert seen == [(700, 10, 10)]
+
+
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_serve_calls_the_server_with_the_config(monkeypatch: pytest.MonkeyPatch, restore_logging: None, asynchronous: bool) -> None:
     received: list[Any] = []

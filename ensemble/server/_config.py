@@ -374,6 +374,11 @@ class ServerConfig:
             ``tls_certfile``).
         log_level: ``DEBUG``, ``INFO``, ``WARNING``, ``ERROR`` or ``CRITICAL``.
         log_format: ``"text"`` or ``"json"`` (one line per event either way).
+        gc_threshold: The garbage collector's first threshold set by ``ensemble
+            serve`` (allocations between young collections; Python's default
+            is 700), which also freezes the objects of its start-up; ``0``
+            leaves the collector alone. Thousands of long-lived connection
+            objects make Python's default collect (and scan) very often.
 
     Raises:
         ValueError: An invalid value.
@@ -395,6 +400,7 @@ class ServerConfig:
     tls_keyfile: str | None = attrs.field(default=None, validator=_optional_non_empty_str)
     log_level: str = attrs.field(default="INFO", converter=_log_level, validator=_one_of(LOG_LEVELS))
     log_format: str = attrs.field(default="text", validator=_one_of(LOG_FORMATS))
+    gc_threshold: int = attrs.field(default=50_000, validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)])
 
     def hub_config(self) -> HubConfig:
         """The hub's config with the server's connection limits applied.
