@@ -646,6 +646,8 @@ class Matrix:
             "failed": setup.get("failed"),
             "seconds": setup.get("seconds"),
             "clients_per_s": setup.get("clients_per_s"),
+            "tcp_connected": setup.get("tcp_connected"),
+            "tcp_seconds": setup.get("tcp_seconds"),
             "errors": setup.get("errors"),
             "error": record["error"],
         }
@@ -1057,13 +1059,16 @@ def render_markdown(report: dict[str, Any]) -> str:
                 cells.append("FAILED" if burst.get("error") else "-")
             else:
                 cells.append(f"{burst['seconds']:.2f} s ({burst['connected']:,}/{burst['clients']:,})")
+            tcp = burst.get("tcp_seconds")
+            cells.append("-" if tcp is None else f"{tcp:.2f} s ({burst.get('tcp_connected') or 0:,})")
             rows.append(cells)
         header = [
             "server",
             "RSS before MiB",
             *[f"KB/conn @{n:,}" for n in levels],
             f"setup conn/s @{levels[-1]:,}",
-            f"{sizes['accept_burst']:,} at once",
+            f"{sizes['accept_burst']:,} at once: ready",
+            "of which TCP accepted",
         ]
         failures = [f"{r['server']} @{lv['clients']:,}: {lv['error']}" for r in summary["idle"] for lv in r["levels"] if lv.get("error")]
         failures += [
@@ -1079,7 +1084,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "RSS the median of 5 readings of `VmRSS` over about 1 s once loadgen reported every client connected (Ensemble: the "
             "welcome received; not joined). Set-up rate: clients ready per second with loadgen's default concurrency. "
             f'"{sizes["accept_burst"]:,} at once": loadgen sets up all clients concurrently; the time from the first connect to '
-            "the last client ready (connected/asked).",
+            "the last client ready (connected/asked), and the time until the last TCP connection was established (the "
+            "server's kernel accepted it from the listen backlog).",
         ]
         if failures:
             parts += ["", "Failures: " + "; ".join(" ".join(f.split())[:160] for f in failures)]

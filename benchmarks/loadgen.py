@@ -357,6 +357,8 @@ class Engine:
         self.ready = 0
         self.failed = 0
         self.ready_ns = 0
+        self.tcp_connected = 0  # TCP connections established (accepted by the server's kernel)
+        self.tcp_ns = 0  # when the last one was
         self.errors: Counter[str] = Counter()
         # the current run
         self.delivered = 0
@@ -410,6 +412,8 @@ class Engine:
         if err:
             self._setup_failed(c, errno.errorcode.get(err, str(err)))
             return
+        self.tcp_connected += 1
+        self.tcp_ns = time.monotonic_ns()
         c.key = base64.b64encode(os.urandom(16)).decode()
         request = (
             f"GET {resource_path(self.kind, c.token, self.path)} HTTP/1.1\r\n"
@@ -912,7 +916,18 @@ def _worker_main(target: Target, tokens: list[str], join: bool, pipe: Any) -> No
         if eng.poll(0.2):
             break  # the controller speaks (gave up): stop setting up
     pipe.send(
-        ("ready", {"start_ns": start, "ready_ns": eng.ready_ns, "ready": eng.ready, "failed": eng.failed, "errors": dict(eng.errors)})
+        (
+            "ready",
+            {
+                "start_ns": start,
+                "ready_ns": eng.ready_ns,
+                "ready": eng.ready,
+                "failed": eng.failed,
+                "errors": dict(eng.errors),
+                "tcp": eng.tcp_connected,
+                "tcp_ns": eng.tcp_ns,
+            },
+        )
     )
     cpu0 = time.process_time()
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -1044,11 +1059,17 @@ class Fleet:
         errors: Counter[str] = Counter()
         for r in reports:
             errors.update(r["errors"])
+        tcp = sum(r.get("tcp", 0) for r in reports)
+        tcp_end = max(r.get("tcp_ns", 0) for r in reports)
         return {
             "ready": ready,
             "failed": sum(r["failed"] for r in reports),
             "seconds": seconds,
             "clients_per_s": ready / seconds if seconds else None,
+            # TCP connections established (the server's kernel accepted them,
+            # from its listen backlog), and by when: a storm's first hurdle.
+            "tcp_connected": tcp,
+            "tcp_seconds": (tcp_end - start) / 1e9 if tcp else None,
             "errors": dict(errors),
         }
 

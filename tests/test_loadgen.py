@@ -233,6 +233,15 @@ async def test_fanout_and_echo_count_everything(transport: str) -> None:
         assert result["publisher"]["errors"] == 0
         assert result["close_codes"] == {}
 
+        assert result["setup"]["tcp_connected"] == 5
+        assert result["setup"]["tcp_seconds"] <= result["setup"]["seconds"]
+
+        # A publisher with at most 2 messages out (its own copies are its acks).
+        result, _ = await loadgen(server.port, "fanout", "--clients", "5", "--messages", "10", "--window", "2")
+        assert result["window"] == 2
+        assert (result["deliveries"], result["expected"]) == (50, 50)
+        assert result["publisher"]["sent"] == 10
+
         result, _ = await loadgen(server.port, "echo", "--round-trips", "20")
         assert result["latency"]["samples"] == 20
         assert result["round_trips_per_s"] > 0
