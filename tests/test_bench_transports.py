@@ -24,6 +24,7 @@ def tiny(bench: ModuleType) -> Any:
         fanout_clients=20,
         fanout_messages=(5,),
         fanout_repeats=1,
+        fanout_window=3,
         idle_clients=(20,),
         accept_burst=20,
         echo_round_trips=20,
@@ -59,22 +60,21 @@ def run_matrix(bench: ModuleType, servers: list[str], tmp_path: Path) -> dict[st
 
 def check_server(report: dict[str, Any], server: str) -> None:
     runs = [r for r in report["runs"] if r["server"] == server]
-    assert len(runs) == 4  # fanout, idle 20, the accept burst, echo
+    windowed = server in ("native", "hypercorn", "hypercorn-batch")  # Ensemble: the fan-out again, flow-controlled
+    assert len(runs) == (5 if windowed else 4)  # fanout (windowed too), idle 20, the accept burst, echo
     for record in runs:
         assert record["ok"], record["error"]
         assert record["report"]["result"]  # the raw loadgen report
         assert record["server_process"]["rss_before_kb"] > 0
         assert record["server_process"]["exit_status"] == 0  # stopped cleanly by SIGTERM
 
-    (fanout,) = [r for r in report["summary"]["fanout"] if r["server"] == server]
-    assert fanout["finished"]
-    assert fanout["deliveries"] == fanout["expected"] == 20 * 5
-    assert fanout["deliveries_per_s"] > 0
-    assert fanout["server_us_per_delivery"] >= 0  # CPU ticks are 10 ms: a tiny run may show none
-    assert fanout["p50_ms"] > 0
-    assert fanout["p99_ms"] >= fanout["p50_ms"]
-    assert fanout["max_ms"] >= fanout["p99_ms"]
-    assert all(c >= 0 for c in fanout["generator_cpu_pct"])
+    fanouts = [r for r in report["summary"]["fanout"] if r["server"] == server]
+    assert [r.get("window") for r in fanouts] == ([None, 3] if windowed else [None])
+    for fanout in fanouts:
+        check_fanout(fanout)
+    if windowed:
+        assert any(t["server"] == "native" and t["target"].startswith("the same with a publisher") for t in report["targets"])
+        assert "5 (window 3)" in report["markdown"]
 
     (idle,) = [r for r in report["summary"]["idle"] if r["server"] == server]
     assert idle["rss_before_kb"] > 0
@@ -88,11 +88,24 @@ def check_server(report: dict[str, Any], server: str) -> None:
     assert burst["error"] is None
     assert burst["connected"] == 20
     assert burst["seconds"] > 0
+    assert burst["tcp_connected"] == 20
+    assert 0 < burst["tcp_seconds"] <= burst["seconds"]
 
     (echo,) = [r for r in report["summary"]["echo"] if r["server"] == server]
     assert echo["error"] is None
     assert echo["p50_us"] > 0
     assert echo["round_trips_per_s"] > 0
+
+
+def check_fanout(fanout: dict[str, Any]) -> None:
+    assert fanout["finished"]
+    assert fanout["deliveries"] == fanout["expected"] == 20 * 5
+    assert fanout["deliveries_per_s"] > 0
+    assert fanout["server_us_per_delivery"] >= 0  # CPU ticks are 10 ms: a tiny run may show none
+    assert fanout["p50_ms"] > 0
+    assert fanout["p99_ms"] >= fanout["p50_ms"]
+    assert fanout["max_ms"] >= fanout["p99_ms"]
+    assert all(c >= 0 for c in fanout["generator_cpu_pct"])
 
 
 def test_ensemble_transports(bench: ModuleType, tmp_path: Path) -> None:
@@ -105,7 +118,7 @@ def test_ensemble_transports(bench: ModuleType, tmp_path: Path) -> None:
     assert "| native " in markdown
     assert "| hypercorn " in markdown
     targets = {(t["server"], t["target"]): t for t in report["targets"]}
-    assert len(targets) == 5
+    assert len(targets) == 6
     assert all(t["met"] is None for t in targets.values() if t["server"] == "hypercorn")  # no hypercorn-naive row
     assert all(t["met"] is None for t in targets.values() if "saturation" in t["target"])  # no openloop run
 
