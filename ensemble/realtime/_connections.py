@@ -728,7 +728,7 @@ class _DirectWriter:
 
     def _write(self, conn: _Connection, max_batch: int, batch_frames: bool) -> None:
         outbox = conn.outbox
-        if conn.finishing or not outbox:
+        if conn.finishing or not outbox._queue:
             return
         transport: DirectTransport = conn.transport  # type: ignore[assignment]
         if outbox.overflowed or conn.send_scope is not None:
@@ -1490,6 +1490,11 @@ class ConnectionManager:
 
 def _written(positions: Positions, batch: list[Event]) -> None:
     """Record the position of the last sequenced event of each topic in ``batch``."""
+    if len(batch) == 1:  # the common case of a quiet connection: no set
+        event = batch[0]
+        if event.seq is not None:
+            positions[event.topic] = (event.epoch or "", event.seq)
+        return
     seen: set[str] = set()
     for event in reversed(batch):
         topic = event.topic
