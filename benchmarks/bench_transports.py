@@ -57,7 +57,10 @@ Output: ``--out DIR/transports-<UTC timestamp>.json`` (the machine, the
 versions of every server library, the command, every raw loadgen report, the
 summary tables and the targets), a Markdown section on stdout (and in
 ``--markdown PATH``), and with ``--plot PATH`` a PNG: fan-out deliveries/s per
-server (log scale) and the p99 latency of the same runs.
+server (log scale) and the p99 latency of the same runs. While it runs, each
+finished server's results are also in ``transports-<timestamp>.partial.json``
+(``"complete": false``), replaced by the full report at the end: a matrix
+that is stopped part way keeps what it measured.
 
 Run: ``python benchmarks/bench_transports.py [--quick] [--servers native,hypercorn,...]
 [--scenarios fanout,openloop,idle,slow,echo] [--out benchmarks/results]
@@ -1318,6 +1321,8 @@ def run(
     need = max([*sizes.idle_clients, sizes.accept_burst] if "idle" in scenarios else [0])
     if nofile < need + 1000:
         log(f"WARNING: RLIMIT_NOFILE is {nofile}; {need:,} idle connections need more (the runs will record the failures)")
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    partial = Path(out_dir) / f"transports-{stamp}.partial.json" if out_dir is not None else None
     with tempfile.TemporaryDirectory(prefix="bench-transports-") as tmp:
         matrix = Matrix(sizes, Path(tmp), log)
         for server in servers:
@@ -1325,13 +1330,18 @@ def run(
             for scenario in SCENARIOS:
                 if scenario in scenarios:
                     getattr(matrix, scenario)(server)
+            if partial is not None:
+                # A long matrix that dies later keeps what it measured so far.
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                so_far = {k: v for k, v in matrix.summary.items() if k in scenarios}
+                write_json(str(partial), {**report, "complete": False, "summary": so_far, "runs": matrix.runs})
     report["summary"] = {k: v for k, v in matrix.summary.items() if k in scenarios}
     report["targets"] = check_targets(report["summary"], sizes)
     report["runs"] = matrix.runs
     report["elapsed_s"] = time.monotonic() - started
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        report["json_path"] = str(Path(out_dir) / f"transports-{now.strftime('%Y%m%dT%H%M%SZ')}.json")
+        report["json_path"] = str(Path(out_dir) / f"transports-{stamp}.json")
     if plot_path:
         report["plot"] = plot_path
         problem = plot(report, plot_path)
@@ -1343,6 +1353,8 @@ def run(
     report["markdown"] = markdown
     if report.get("json_path"):
         write_json(report["json_path"], report)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     if markdown_path:
         Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
         Path(markdown_path).write_text(markdown)

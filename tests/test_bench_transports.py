@@ -49,6 +49,7 @@ def run_matrix(bench: ModuleType, servers: list[str], tmp_path: Path) -> dict[st
     )
     assert lines
     saved = json.loads(Path(report["json_path"]).read_text())
+    assert not list(tmp_path.glob("*.partial.json"))  # replaced by the complete report
     assert saved["markdown"] == report["markdown"] == (tmp_path / "transports.md").read_text()
     for key in ("machine", "versions", "command", "sizes", "servers", "scenarios", "summary", "targets", "runs", "elapsed_s"):
         assert key in saved, key
@@ -139,3 +140,21 @@ def test_a_failing_server_is_recorded(bench: ModuleType, tmp_path: Path, monkeyp
     assert all("exited" in r["error"] for r in report["runs"])
     assert "FAILED" in report["markdown"]
     assert report["summary"]["fanout"][0]["deliveries_per_s"] is None
+
+
+def test_a_matrix_that_dies_keeps_the_servers_it_finished(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def echo(self: Any, server: str) -> None:
+        if server == "hypercorn":
+            raise KeyboardInterrupt  # the operator gave up, or the machine went away
+        self.summary["echo"].append({"server": server, "error": None})
+
+    monkeypatch.setattr(bench.Matrix, "echo", echo)
+    monkeypatch.setattr(bench.Matrix, "fanout", lambda self, server: self.summary["fanout"].append({"server": server}))
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(
+            ["native", "hypercorn"], ["fanout", "echo"], tiny(bench), out_dir=tmp_path, command="test", info={"cpu": "test"}, log=print
+        )
+    (partial,) = tmp_path.glob("transports-*.partial.json")
+    saved = json.loads(partial.read_text())
+    assert saved["complete"] is False
+    assert saved["summary"] == {"fanout": [{"server": "native"}], "echo": [{"server": "native", "error": None}]}  # servers finished
