@@ -5,17 +5,27 @@ The :class:`ConnectionManager` is the seed's ``ConnectionManager`` (as
 rooms, broadcast to a room or to all, dead-connection cleanup, room stats).
 
 Each connection is an actor (a ``temporary`` child of the supervisor given to
-the manager) that owns the connection's :class:`Outbox` and is the only task
-writing to its transport. The fan-out path never waits: it calls
-:meth:`Outbox.deliver_nowait`, and when the outbox goes from empty to
-non-empty, the connection tells itself :class:`Flush` (coalesced by a
-``keep_latest`` mailbox policy). Handling ``Flush`` drains the outbox (up to
-``max_batch`` events at a time) and writes what it took with one call: each
-event is its own frame, the event's shared ``encoded`` bytes, written with
-``transport.send_many(frames)`` when the transport has it (one await per
-drained batch, not per event; a WebSocket transport frames them all and does
-one socket write), else with ``transport.send`` per frame; or as one frame
-holding a JSON array with ``batch_frames=True``.
+the manager) that owns the connection's :class:`Outbox`. The fan-out path
+never waits: it calls :meth:`Outbox.deliver_nowait`, and when the outbox goes
+from empty to non-empty the connection is queued for a write. Two writers
+share the work, never at the same time for one connection:
+
+* For a :class:`DirectTransport` (one that can write without waiting: the
+  native transport on a plain socket, the ASGI transport's relay), the
+  manager's one *direct writer* (an actor of its own under the same
+  supervisor) takes the ready connections in turn and writes each drained
+  batch with one ``send_nowait``: a fan-out wakes one task, not one per
+  recipient.
+* Otherwise, and for whatever needs waiting (the rest of a write the kernel
+  did not take, an overflow, a failed write), the connection tells its own
+  actor :class:`Flush` (coalesced by a ``keep_latest`` mailbox policy).
+  Handling ``Flush`` drains the outbox (up to ``max_batch`` events at a
+  time) and writes what it took with one call: ``transport.send_many(frames)``
+  when the transport has it (one await per drained batch, not per event),
+  else ``transport.send`` per frame.
+
+Either way each event is its own frame, the event's shared ``encoded`` bytes,
+or a batch is one frame holding a JSON array with ``batch_frames=True``.
 
 A connection is closed, and removed, exactly once whatever the cause, and
 ``on_disconnect`` runs exactly once for it:

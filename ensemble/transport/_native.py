@@ -19,10 +19,14 @@ page. Only the bytes are handled here:
   message is closed with 1003.
 - Server frames are built once per event (:class:`FrameCache`: the frame of
   an ``Event.encoded`` payload is made by the first connection that writes
-  it and shared by all the others) and each batch the connection's actor
-  drained from its outbox is written with one socket write.
+  it and shared by all the others) and each batch drained from an outbox is
+  written with one socket write.
 
-The connection's actor writes to the socket itself: a socket write is
+On a plain socket the transport is a ``DirectTransport``: the hub's direct
+writer hands it each drained batch (:meth:`NativeWebSocketTransport.send_nowait`,
+one non-blocking ``send`` straight to the socket); what the kernel does not
+take is kept and written by the connection's actor, which may wait for the
+socket. (Under TLS the actor writes every batch.) A socket write is
 cancellable here (unlike hypercorn's shielded one), so the slow-consumer
 policy can abandon a stuck write. The write loop tracks how much of the
 batch went out, so the close that follows first finishes the interrupted
