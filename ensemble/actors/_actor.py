@@ -24,7 +24,7 @@ import attrs
 import trio
 
 from ._errors import ActorCrashed, ActorError, ActorStopped, AskTimeout
-from ._mailbox import Mailbox, MailboxConfig, _CallbackReply, _Envelope, _Full, _Reply
+from ._mailbox import Mailbox, MailboxConfig, Waker, _CallbackReply, _Envelope, _Full, _Reply
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -137,8 +137,9 @@ class ActorStatistics:
 
     Attributes:
         path: The actor's path.
-        state: ``starting``, ``running``, ``restarting``, ``stopping`` or
-            ``stopped``.
+        state: ``starting``, ``running``, ``hibernating`` (no task while
+            idle; the next message starts one), ``restarting``, ``stopping``
+            or ``stopped``.
         mailbox_capacity: The mailbox bound.
         mailbox_depth: Messages queued now.
         mailbox_peak: The most messages ever queued at once.
@@ -157,6 +158,9 @@ class ActorStatistics:
         blocked_senders: Senders waiting for room now.
         active_timers: Timers running now.
         timers_fired: Timer messages delivered.
+        hibernations: Times the actor went idle without a task (see
+            ``ChildSpec.hibernate_after``); each later message that found it
+            so started a task again.
     """
 
     path: str
@@ -177,6 +181,7 @@ class ActorStatistics:
     blocked_senders: int
     active_timers: int
     timers_fired: int
+    hibernations: int = 0
 
     @property
     def dropped(self) -> int:
@@ -231,7 +236,10 @@ class ActorRef:
             receiver = mailbox._receiver
             if receiver is not None:
                 mailbox._receiver = None
-                trio.lowlevel.reschedule(receiver)
+                if isinstance(receiver, Waker):
+                    receiver.resume()  # a hibernating actor
+                else:
+                    trio.lowlevel.reschedule(receiver)
             return
         mailbox.put_nowait_or_fail(message)
 
@@ -309,6 +317,16 @@ class ActorRef:
         """A frozen snapshot of the actor's counters."""
         return self._cell.statistics()
 
+    def is_current_task(self) -> bool:
+        """Whether the calling task is the one running this actor now (in its
+        ``receive``, ``on_start`` or ``on_stop``).
+
+        Code that may run inside the actor uses this to call the actor's own
+        methods directly rather than ``ask`` it (which would wait for itself).
+        """
+        task = self._cell.task
+        return task is not None and task is trio.lowlevel.current_task()
+
 
 class TaskStarted(Protocol):
     """What a child's run function calls once it is ready (like ``task_status``)."""
@@ -368,7 +386,17 @@ class _Cell:
         self.crashes = 0
         self.restarts = 0
         self.timers_fired = 0
+        self.hibernations = 0
         self.last_crash: BaseException | None = None
+        # The task running this incarnation now (None while hibernating).
+        self.task: trio.lowlevel.Task | None = None
+        # Set by the supervisor for a child with hibernate_after: what a
+        # message to the idle, task-less actor calls (see hibernate()).
+        self.waker: Waker | None = None
+        self.hibernate_after: float | None = None
+        self._hibernate_asked = False
+        self.activity_mark = -1  # messages handled at the supervisor's last sweep
+        self.idle_since = 0.0
         self._stop_requested = False
         self._timers: dict[Hashable, _Timer] = {}
         self._heap: list[tuple[float, int, _Timer]] = []
@@ -399,6 +427,12 @@ class _Cell:
         """Stop for good: refuse messages, fail queued asks."""
         self.actor = None  # a ref held after the stop must not keep the actor's state
         self.state = "stopped"
+        if self.waker is not None:
+            # The waker refers to the supervisor's record of this child, which
+            # refers to this cell: break the cycle (see below).
+            self.waker = None
+            if type(self.mailbox._receiver) is Waker:
+                self.mailbox._receiver = None
         self.mailbox.close()
         self._clear_timers()
         ref = self._ref
@@ -415,7 +449,7 @@ class _Cell:
         mb = self.mailbox
         return ActorStatistics(
             path=self.path,
-            state=self.state,
+            state="running" if self.state == "waking" else self.state,
             mailbox_capacity=mb.capacity,
             mailbox_depth=len(mb),
             mailbox_peak=mb.peak,
@@ -432,6 +466,7 @@ class _Cell:
             blocked_senders=mb.blocked_senders,
             active_timers=len(self._timers),
             timers_fired=self.timers_fired,
+            hibernations=self.hibernations,
         )
 
     # -- timers --------------------------------------------------------------
@@ -495,6 +530,7 @@ class _Cell:
         raises the exception of a crash.
         """
         self._stop_requested = False
+        self._hibernate_asked = False
         self._clear_timers()
         self.state = "starting"
         try:
@@ -510,9 +546,29 @@ class _Cell:
             raise
         self.state = "running"
         task_status.started()
+        await self._live(actor)
+
+    async def resume(self) -> None:
+        """Carry on with a hibernating incarnation, in a new task: as
+        :meth:`run` after ``on_start`` (there is no second ``on_start``)."""
+        actor = self.actor
+        assert actor is not None, f"{self.path} has no incarnation to resume"
+        assert self.state == "waking", f"{self.path} is not waking from hibernation"
+        self.state = "running"
+        await self._live(actor)
+
+    @property
+    def hibernating(self) -> bool:
+        return self.state == "hibernating"
+
+    async def _live(self, actor: Actor) -> None:
+        """The loop, then ``on_stop``; returns early, keeping the actor, when
+        it hibernates."""
+        self.task = trio.lowlevel.current_task()
         try:
             try:
-                await self._loop(actor)
+                if await self._loop(actor):
+                    return  # hibernating: the next message resumes it in a new task
             except Exception as exc:
                 self._record_crash(exc, "receive")
                 await self._stop_after_crash(actor)
@@ -526,8 +582,56 @@ class _Cell:
                 self._record_crash(exc, "on_stop")
                 raise
         finally:
-            # The incarnation is over: do not keep its state alive.
-            self.actor = None
+            self.task = None
+            if self.state != "hibernating":
+                # The incarnation is over: do not keep its state alive.
+                self.actor = None
+
+    # -- hibernation -----------------------------------------------------------
+
+    def hibernate(self) -> bool:
+        """Ask an idle actor's task to end (the supervisor's sweep calls this).
+
+        Only an actor waiting for a message with an empty mailbox, no timer
+        and nothing else pending is asked; its loop checks again when it
+        wakes (a message may have come meanwhile) and, if still idle, hands
+        its mailbox a :class:`Waker` and returns. No task switch happens
+        between that check and the end of the task, so a message is never
+        left without someone to handle it.
+
+        Returns:
+            Whether the actor was asked.
+        """
+        mailbox = self.mailbox
+        task = self.task
+        if (
+            self.waker is None
+            or task is None
+            or mailbox._receiver is not task
+            or mailbox._queue
+            or mailbox._blocked
+            or self._timers
+            or self._stop_requested
+            or self.stalled is not None
+            or self.state != "running"
+        ):
+            return False
+        mailbox._receiver = None
+        self._hibernate_asked = True
+        trio.lowlevel.reschedule(task)
+        return True
+
+    def _can_hibernate(self) -> bool:
+        mailbox = self.mailbox
+        return (
+            self.waker is not None
+            and not mailbox._queue
+            and not mailbox._blocked
+            and not mailbox.closed
+            and not self._timers
+            and not self._stop_requested
+            and self.stalled is None
+        )
 
     def _settle_mailbox(self, actor_class: type[Actor]) -> None:
         """Use the actor class's mailbox config, on the first start only."""
@@ -554,7 +658,9 @@ class _Cell:
         except Exception as exc:
             logger.warning("on_stop of %s raised after a crash: %r", self.path, exc)
 
-    async def _loop(self, actor: Actor) -> None:
+    async def _loop(self, actor: Actor) -> bool:
+        """Handle messages and timers until asked to stop (returns False) or
+        hibernating (returns True)."""
         mailbox = self.mailbox
         queue = mailbox._queue
         expected = type(actor).expected_exceptions
@@ -587,6 +693,15 @@ class _Cell:
                 mailbox._receiver = trio.lowlevel.current_task()
                 if deadline == math.inf:
                     await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+                    if self._hibernate_asked:
+                        self._hibernate_asked = False
+                        if self._can_hibernate():
+                            # Nothing came since hibernate() looked: end the
+                            # task (no checkpoint from here to its end).
+                            self.state = "hibernating"
+                            self.hibernations += 1
+                            mailbox._receiver = self.waker
+                            return True
                 else:
                     with trio.CancelScope(deadline=deadline):
                         await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
@@ -638,6 +753,7 @@ class _Cell:
                 if self._heap and self._heap[0][0] <= trio.current_time():
                     break
             del popleft, receive
+        return False
 
     def _abort_wait(self, _: Any) -> trio.lowlevel.Abort:
         self.mailbox._receiver = None

@@ -70,6 +70,28 @@ def default_coalesce_key(message: Any) -> Hashable:
     return key
 
 
+class Waker:
+    """Stands in for the receiving task of a hibernating actor's mailbox.
+
+    A message (or a stop, or a timer) for an actor whose task has ended
+    calls :attr:`resume` instead of rescheduling a task: the supervisor then
+    starts a task for the actor again (see ``ChildSpec.hibernate_after``).
+    """
+
+    __slots__ = ("resume",)
+
+    def __init__(self, resume: Callable[[], None]) -> None:
+        self.resume = resume
+
+
+def wake_receiver(receiver: trio.lowlevel.Task | Waker) -> None:
+    """Wake what waits for a mailbox: its loop's task, or a hibernating actor."""
+    if isinstance(receiver, Waker):
+        receiver.resume()
+    else:
+        trio.lowlevel.reschedule(receiver)
+
+
 def _to_overflow(value: Overflow | str) -> Overflow:
     return value if isinstance(value, Overflow) else Overflow(value)
 
@@ -240,7 +262,9 @@ class Mailbox:
         self._key_fn = config.coalesce_key
         self._queue: deque[Any] = deque()
         self._slots: dict[Hashable, _Envelope] = {}
-        self._receiver: trio.lowlevel.Task | None = None
+        # The loop's task while it waits for a message; a Waker while the
+        # actor hibernates; None while it runs.
+        self._receiver: trio.lowlevel.Task | Waker | None = None
         self._space = trio.lowlevel.ParkingLot()
         self._blocked = 0  # senders parked in _space (an upper bound)
         # ActorRef.tell_nowait's fast path applies: open, one policy for all.
@@ -321,7 +345,7 @@ class Mailbox:
         receiver = self._receiver
         if receiver is not None:
             self._receiver = None
-            trio.lowlevel.reschedule(receiver)
+            wake_receiver(receiver)
 
     def _put_keep_latest(self, message: Any, reply: _Reply | None) -> None:
         key = (type(message), self._key_fn(message))
@@ -427,7 +451,7 @@ class Mailbox:
         receiver = self._receiver
         if receiver is not None:
             self._receiver = None
-            trio.lowlevel.reschedule(receiver)
+            wake_receiver(receiver)
 
     async def wait_nonempty(self) -> None:
         """Park the owning loop until a message arrives or :meth:`wake`."""

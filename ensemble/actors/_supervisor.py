@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextvars
 import enum
+import functools
 import logging
 import math
 import random
@@ -55,7 +56,7 @@ import trio
 
 from ._actor import BATCH_LIMIT, Actor, ActorRef, ActorStatistics, TaskStarted, _Cell
 from ._errors import ActorStartFailed, ActorStopped, SupervisorGaveUp
-from ._mailbox import MailboxConfig, _Reply
+from ._mailbox import MailboxConfig, Waker, _Reply
 
 logger = logging.getLogger("ensemble.actors")
 
@@ -89,6 +90,11 @@ def _to_restart(value: Restart | str) -> Restart:
 def _non_negative(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not value >= 0:
         raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0 or value == math.inf:
+        raise ValueError(f"{attribute.name} must be a positive number of seconds, got {value!r}")
 
 
 def _valid_id(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -149,6 +155,16 @@ class ChildSpec:
             loop, so it must not block or await) right after the child was
             removed for exceeding ``max_restarts``: the owner's chance to
             tell the child's clients. An exception from it is logged.
+        hibernate_after: Seconds without a message after which the actor's
+            task ends while the actor (its state, mailbox and ref) stays;
+            the next message, stop or timer for it starts a task again and
+            it carries on where it was (no second ``on_start``). Meant for
+            many mostly idle actors, such as one per connection: an idle
+            task costs memory, a hibernating actor does not. An actor with
+            a running timer does not hibernate. The supervisor checks every
+            ``hibernate_after`` seconds, so an actor hibernates after
+            between one and two such periods without messages. ``None``
+            (the default): never.
     """
 
     id: str = attrs.field(validator=_valid_id)
@@ -159,6 +175,7 @@ class ChildSpec:
     max_restarts: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
     max_seconds: float = attrs.field(default=5.0, validator=_non_negative)
     on_given_up: Callable[[str], None] | None = attrs.field(default=None, eq=False)
+    hibernate_after: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
 
 
 @attrs.frozen(kw_only=True)
@@ -238,6 +255,10 @@ class SupervisorStatistics:
         gave_up: Times it gave up (a nested supervisor can be restarted).
         children_given_up: Children removed for exceeding their own
             ``ChildSpec.max_restarts``.
+        hibernating: How many children hibernate now (no task; see
+            ``ChildSpec.hibernate_after``); they count as ``active``.
+        hibernations: Times a child went to hibernate, in total.
+        wakeups: Times a hibernating child was given a task again.
     """
 
     path: str
@@ -251,6 +272,9 @@ class SupervisorStatistics:
     max_seconds: float
     gave_up: int
     children_given_up: int = 0
+    hibernating: int = 0
+    hibernations: int = 0
+    wakeups: int = 0
 
 
 @attrs.frozen
@@ -402,6 +426,12 @@ class Supervisor:
         self._starting: _Starting | None = None  # the start in progress (at most one)
         self._context = contextvars.copy_context()  # what child tasks inherit (see _spawn)
         self._control_scope = trio.CancelScope(shield=True)
+        # The hibernation sweep (see ChildSpec.hibernate_after): its period,
+        # and whether its task runs in the current nursery.
+        self._sweep_period = math.inf
+        self._sweeping = False
+        self._hibernations = 0
+        self._wakeups = 0
 
     def __repr__(self) -> str:
         return f"<Supervisor {self.path} {self.strategy.value} ({self._state})>"
@@ -499,6 +529,9 @@ class Supervisor:
             max_seconds=self.max_seconds,
             gave_up=self._gave_up_count,
             children_given_up=self._children_given_up,
+            hibernating=sum(1 for child in self._children.values() if child.cell is not None and child.cell.hibernating),
+            hibernations=self._hibernations,
+            wakeups=self._wakeups,
         )
 
     def snapshot(self) -> TreeNode:
@@ -736,7 +769,11 @@ class Supervisor:
             raise ValueError(f"{self.path} already has a child {spec.id!r}")
         path = _join(self.path, spec.id)
         if isinstance(spec, ChildSpec):
-            child = _Child(spec, _Cell(path, spec.factory, spec.mailbox), None)
+            cell = _Cell(path, spec.factory, spec.mailbox)
+            child = _Child(spec, cell, None)
+            if spec.hibernate_after is not None:
+                cell.hibernate_after = spec.hibernate_after
+                cell.waker = Waker(functools.partial(self._resume, child))
         else:
             nested = Supervisor(
                 path=path,
@@ -786,6 +823,9 @@ class Supervisor:
         # of whichever task called start_child.
         self._context.run(self._nursery.start_soon, self._child_task, child, child.generation, starting)
         self._starting = starting
+        cell = child.cell
+        if cell is not None and cell.hibernate_after is not None:
+            self._ensure_sweep(cell.hibernate_after)
         return starting
 
     async def _child_task(self, child: _Child, generation: int, starting: _Starting) -> None:
@@ -795,6 +835,7 @@ class Supervisor:
         scope = child.scope
         assert scope is not None
         started = True
+        hibernating = False
         error: Exception | None = None
         try:
             with scope:
@@ -806,17 +847,92 @@ class Supervisor:
         except Exception as exc:
             error = exc
         finally:
-            child.running = False
-            if child.done is not None:
-                child.done.set()
+            hibernating = error is None and child.cell is not None and child.cell.hibernating
+            if hibernating:
+                self._hibernations += 1
+            else:
+                self._task_ended(child)
             if not starting.over:
                 # on_start did not finish (even on a BaseException, which
                 # propagates): the starter must not wait forever.
                 started = False
                 self._start_failed(child, generation, starting, error)
-        if not started or scope.cancelled_caught or child.terminating:
+        if not started or hibernating or scope.cancelled_caught or child.terminating:
             return
         self._post(_Exited(child, generation, error))
+
+    @staticmethod
+    def _task_ended(child: _Child) -> None:
+        child.running = False
+        if child.done is not None:
+            child.done.set()
+
+    # -- hibernation (ChildSpec.hibernate_after) ---------------------------------
+
+    def _resume(self, child: _Child) -> None:
+        """A message (or a stop) came for a hibernating child: give it a task
+        again. Called by its mailbox's :class:`Waker`, in the sender's task."""
+        cell = child.cell
+        nursery = self._nursery
+        if cell is None or not cell.hibernating or cell.mailbox.closed or nursery is None or self._children.get(child.id) is not child:
+            return
+        scope = trio.CancelScope(shield=True)
+        try:
+            self._context.run(nursery.start_soon, self._resume_task, child, child.generation, scope)
+        except RuntimeError:
+            return  # the nursery is closing: the supervisor is stopping
+        cell.state = "waking"  # no second task; hibernate() leaves it alone until it runs
+        child.scope = scope
+        self._wakeups += 1
+
+    async def _resume_task(self, child: _Child, generation: int, scope: trio.CancelScope) -> None:
+        cell = child.cell
+        assert cell is not None
+        hibernating = False
+        error: Exception | None = None
+        try:
+            with scope:
+                await cell.resume()
+        except Exception as exc:
+            error = exc
+        finally:
+            hibernating = error is None and cell.hibernating
+            if hibernating:
+                self._hibernations += 1
+            else:
+                self._task_ended(child)
+        if hibernating or scope.cancelled_caught or child.terminating:
+            return
+        self._post(_Exited(child, generation, error))
+
+    def _ensure_sweep(self, period: float) -> None:
+        self._sweep_period = min(self._sweep_period, period)
+        if not self._sweeping and self._nursery is not None:
+            self._sweeping = True
+            self._context.run(self._nursery.start_soon, self._sweep)
+
+    async def _sweep(self) -> None:
+        """Every ``hibernate_after`` seconds, ask the children that handled
+        nothing since the last look, and have been idle that long, to
+        hibernate."""
+        try:
+            while True:
+                await trio.sleep(self._sweep_period)
+                now = trio.current_time()
+                children = list(self._children.values())
+                for n, child in enumerate(children, 1):
+                    cell = child.cell
+                    if cell is not None and cell.hibernate_after is not None and cell.state == "running":
+                        mark = cell.handled + cell.timers_fired
+                        if mark != cell.activity_mark:
+                            cell.activity_mark = mark
+                            cell.idle_since = now
+                        elif now - cell.idle_since >= cell.hibernate_after:
+                            cell.hibernate()
+                    if n % 1024 == 0:
+                        await trio.lowlevel.checkpoint()
+        finally:
+            self._sweeping = False
 
     def _start_failed(self, child: _Child, generation: int, starting: _Starting, error: Exception | None) -> None:
         path = _join(self.path, child.id)
@@ -1094,6 +1210,7 @@ async def open_actor(
     max_restarts: int = 3,
     max_seconds: float = 5.0,
     backoff: Backoff | None = None,
+    hibernate_after: float | None = None,
 ) -> AsyncIterator[ActorRef]:
     """Run one supervised actor for the duration of the ``async with``.
 
@@ -1108,9 +1225,13 @@ async def open_actor(
         max_restarts: Restart intensity (see :func:`open_supervisor`).
         max_seconds: Restart intensity window.
         backoff: Delays between restarts.
+        hibernate_after: End the actor's task after this many idle seconds
+            (see :class:`ChildSpec`).
 
     Yields:
         The actor's :class:`ActorRef`.
     """
     async with open_supervisor(max_restarts=max_restarts, max_seconds=max_seconds, backoff=backoff) as supervisor:
-        yield await supervisor.start_child(ChildSpec(id=name, factory=factory, restart=restart, mailbox=mailbox))
+        yield await supervisor.start_child(
+            ChildSpec(id=name, factory=factory, restart=restart, mailbox=mailbox, hibernate_after=hibernate_after)
+        )
