@@ -11,6 +11,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from _direct import DirectMemoryTransport
 
 from ensemble.realtime._connections import MemoryTransport
 from ensemble.realtime._errors import Banned, NotAMember, NotFound, TooManyConnections
@@ -769,3 +770,46 @@ async def test_closing_connections_that_never_watched_does_not_ask_the_live_acto
         assert hub.live.ref.statistics().messages_handled == before
         await hub.connections.disconnect(watcher.connection_id)  # its watch is ended
         assert hub.live.ref.statistics().messages_handled == before + 1
+
+
+async def test_idle_connections_and_mailboxes_hibernate_and_work_when_woken(autojump_clock: trio.testing.MockClock) -> None:
+    async with hub_with(HubConfig(hibernate_after=5)) as hub:
+        seen: list[Any] = []
+
+        async def on_message(info: ConnectionInfo, data: Any) -> Any:
+            seen.append((info.user_id, data))
+            return "ok"
+
+        hub.connections.on_message = on_message
+        # Transports the direct writer writes (as the native transport is).
+        transports = {user: DirectMemoryTransport() for user in ("alice", "bob")}
+        conns = {user: await hub.connect(t, user) for user, t in transports.items()}
+        for conn in conns.values():
+            await hub.join_room(conn.connection_id, "general")
+        await trio.sleep(11)
+        connections = hub.connections.supervisor.statistics()
+        mailboxes = hub.notifications._supervisor.statistics()
+        # Every connection's actor (not the direct writer: it does not
+        # hibernate) and every user's mailbox gave up its task.
+        assert connections.hibernating == 2
+        assert mailboxes.hibernating == 2
+        # A room message is written without waking anyone.
+        room = await hub.room("general")
+        await room.send_message("bob", "while you were asleep")
+        await settle()
+        assert all(of_type(t, "message") for t in transports.values())
+        assert hub.connections.supervisor.statistics().hibernating == 2
+        # An inbound message wakes alice's connection actor only.
+        assert await hub.connections.receive(conns["alice"].connection_id, {"hi": 1}) == "ok"
+        assert seen == [("alice", {"hi": 1})]
+        assert hub.connections.supervisor.statistics().hibernating == 1
+        # A notification wakes bob's mailbox, and reaches his device.
+        await hub.notifications.send("bob", "title", "body")
+        await settle()
+        assert [e["data"]["title"] for e in of_type(transports["bob"], "notification")] == ["title"]
+        assert hub.notifications._supervisor.statistics().hibernating == 1
+        # Closing a hibernating connection works as ever.
+        await hub.disconnect(conns["bob"].connection_id)
+        assert transports["bob"].closed
+        assert hub.connections.connection_count == 1
+    assert transports["alice"].closed

@@ -405,7 +405,6 @@ class _Connection:
     send_scope: trio.CancelScope | None = None
     overflow_positions: Positions | None = None
     sent_positions: Positions = attrs.field(factory=dict)
-    task: trio.lowlevel.Task | None = None
     close_itself: Callable[[int, str], Awaitable[None]] | None = None
     authenticate_itself: Callable[[str, Any], Awaitable[ConnectionInfo]] | None = None
     rate_violations: int = 0
@@ -477,7 +476,6 @@ class _ConnectionActor(Actor):
 
     async def on_start(self) -> None:
         self._conn.ref = self.ref
-        self._conn.task = trio.lowlevel.current_task()
         self._conn.close_itself = self._close
         self._conn.authenticate_itself = self._authenticate
         if self._conn.outbox:
@@ -830,6 +828,10 @@ class ConnectionManager:
             :class:`RateLimited` to the caller. ``None``: never close.
         close_timeout: Seconds a graceful close may take (draining the outbox,
             ``transport.close``) before the connection is closed by force.
+        hibernate_after: Seconds without a message after which a
+            connection's actor gives up its task until its next message
+            (``ChildSpec.hibernate_after``); ``None``: never. Writes by the
+            direct writer do not wake it.
         on_user_online: Awaited when a user's first connection opens.
         on_user_offline: Awaited when a user's last connection closes.
         on_opened: Awaited with a new connection's info and the ``context``
@@ -876,6 +878,7 @@ class ConnectionManager:
         rate_limiter: WebSocketRateLimiter | None = None,
         max_rate_violations: int | None = 3,
         close_timeout: float = 5.0,
+        hibernate_after: float | None = None,
         on_user_online: UserHook | None = None,
         on_user_offline: UserHook | None = None,
         on_opened: OpenedHook | None = None,
@@ -889,6 +892,8 @@ class ConnectionManager:
             raise ValueError(f"max_connections_per_user must be at least 1 or None, got {max_connections_per_user}")
         if not close_timeout >= 0:
             raise ValueError(f"close_timeout must be >= 0, got {close_timeout}")
+        if hibernate_after is not None and not 0 < hibernate_after < math.inf:
+            raise ValueError(f"hibernate_after must be a positive number of seconds or None, got {hibernate_after}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if not min_write_interval >= 0:
@@ -909,6 +914,7 @@ class ConnectionManager:
         self.rate_limiter = rate_limiter
         self.max_rate_violations = max_rate_violations
         self.close_timeout = close_timeout
+        self.hibernate_after = hibernate_after
         self.on_user_online = on_user_online
         self.on_user_offline = on_user_offline
         self._on_opened = on_opened
@@ -1012,6 +1018,7 @@ class ConnectionManager:
                     factory=partial(_ConnectionActor, self, conn),
                     restart="temporary",
                     shutdown=self.close_timeout,
+                    hibernate_after=self.hibernate_after,
                 )
             )
         except BaseException:
@@ -1083,7 +1090,7 @@ class ConnectionManager:
             await trio.lowlevel.checkpoint()
             raise NotFound(f"no open connection {connection_id!r}")
         itself = conn.authenticate_itself
-        if itself is not None and conn.task is trio.lowlevel.current_task():
+        if itself is not None and ref.is_current_task():
             # Called from the connection's own actor (its on_message handler):
             # asking itself would wait for itself.
             return await itself(user_id, context)
@@ -1246,7 +1253,7 @@ class ConnectionManager:
 
     async def _close(self, conn: _Connection, code: int, reason: str) -> None:
         ref = conn.ref
-        if conn.task is not None and conn.task is trio.lowlevel.current_task():
+        if ref is not None and ref.is_current_task():
             # Called from the connection's own actor (its on_message handler
             # disconnecting it): asking itself would wait for itself.
             if conn.close_itself is not None and not conn.finishing:

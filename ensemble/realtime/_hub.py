@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import tomllib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -112,6 +113,11 @@ class HubConfig:
             written at once. 0: every wake-up writes.
         notifications_per_user: Most notifications kept per user.
         mailbox_idle_timeout: Seconds before an idle user mailbox stops.
+        hibernate_after: Seconds without a message after which the actor of
+            a connection, or of a user's mailbox, gives up its task until
+            its next message (see ``ChildSpec.hibernate_after``): an idle
+            connection then costs no actor task. A wake-up costs starting a
+            task. 0: never.
         mailbox_max_restarts: Restarts a user mailbox may take ...
         mailbox_max_seconds: ... within this many seconds, before it is
             given up on alone (its next use starts it again from its store).
@@ -133,6 +139,7 @@ class HubConfig:
     min_write_interval: float = attrs.field(default=0.0, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(1)))
     notifications_per_user: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
     mailbox_idle_timeout: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    hibernate_after: float = attrs.field(default=10.0, validator=[attrs.validators.ge(0), attrs.validators.lt(math.inf)])
     mailbox_max_restarts: int = attrs.field(default=3, validator=attrs.validators.ge(0))
     mailbox_max_seconds: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     rate_limit: WSRateLimitConfig = attrs.field(factory=WSRateLimitConfig)
@@ -630,6 +637,7 @@ async def open_hub(
             notification_store,
             max_per_user=config.notifications_per_user,
             idle_timeout=config.mailbox_idle_timeout,
+            hibernate_after=config.hibernate_after or None,
             max_restarts=config.mailbox_max_restarts,
             max_seconds=config.mailbox_max_seconds,
         )
@@ -649,6 +657,7 @@ async def open_hub(
             on_authenticated=opened,
             rate_limiter=WebSocketRateLimiter(config.rate_limit, clock=trio.current_time),
             max_rate_violations=config.max_rate_violations,
+            hibernate_after=config.hibernate_after or None,
         )
         hub = Hub(
             config=config,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import math
 import time
 import types
 import uuid
@@ -500,6 +501,10 @@ class NotificationManager:
             up on it alone (other users are unaffected). Its devices stay
             attached and its state stays in the store: the next use of the
             user's mailbox starts it afresh.
+        hibernate_after: Seconds without a message after which a user's
+            mailbox, while it does not stop (a device is attached), gives up
+            its task until its next message (``ChildSpec.hibernate_after``);
+            ``None``: never.
 
     Callbacks run inside the user's mailbox, one at a time: subscription
     callbacks right after ``send`` has returned (before the mailbox handles
@@ -529,7 +534,10 @@ class NotificationManager:
         clock: Callable[[], float] = time.time,
         max_restarts: int = 3,
         max_seconds: float = 5.0,
+        hibernate_after: float | None = None,
     ) -> None:
+        if hibernate_after is not None and not 0 < hibernate_after < math.inf:
+            raise ValueError(f"hibernate_after must be a positive number of seconds or None, got {hibernate_after}")
         if max_restarts < 0 or max_seconds < 0:
             raise ValueError(f"max_restarts and max_seconds must be >= 0, got {max_restarts} and {max_seconds}")
         if max_per_user < 1:
@@ -550,6 +558,7 @@ class NotificationManager:
         self._ask_timeout = ask_timeout
         self._max_restarts = max_restarts
         self._max_seconds = max_seconds
+        self._hibernate_after = hibernate_after
         self._sub_ids = itertools.count(1)
 
     @property
@@ -574,6 +583,7 @@ class NotificationManager:
             restart="transient",
             max_restarts=self._max_restarts,
             max_seconds=self._max_seconds,
+            hibernate_after=self._hibernate_after,
         )
         try:
             return await self._supervisor.start_child(spec)
