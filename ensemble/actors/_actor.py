@@ -365,6 +365,38 @@ FILLER: Final = _Filler()
 class _Cell:
     """The runtime side of one actor: mailbox, ref, timers, statistics."""
 
+    # One per actor, and there may be one actor per connection: slots.
+    __slots__ = (
+        "__weakref__",
+        "_heap",
+        "_hibernate_asked",
+        "_mailbox_settled",
+        "_ref",
+        "_seq",
+        "_stop_requested",
+        "_stopped_ref",
+        "_timers",
+        "activity_mark",
+        "actor",
+        "crashes",
+        "factory",
+        "faults",
+        "handled",
+        "hibernate_after",
+        "hibernations",
+        "idle_since",
+        "last_crash",
+        "mailbox",
+        "path",
+        "rejected",
+        "restarts",
+        "stalled",
+        "state",
+        "task",
+        "timers_fired",
+        "waker",
+    )
+
     def __init__(self, path: str, factory: Callable[[], Actor], mailbox: MailboxConfig | None) -> None:
         self.path = path
         self.factory = factory
@@ -715,7 +747,7 @@ class _Cell:
                 # Mailbox.pop inlined (the hot path); keep the two in step.
                 item = popleft()
                 if mailbox._blocked:
-                    mailbox._space.unpark()
+                    mailbox.unpark_one()
                 if type(item) is _Envelope:
                     if item.key is not None:
                         del mailbox._slots[item.key]

@@ -73,15 +73,15 @@ def default_coalesce_key(message: Any) -> Hashable:
 class Waker:
     """Stands in for the receiving task of a hibernating actor's mailbox.
 
-    A message (or a stop, or a timer) for an actor whose task has ended
-    calls :attr:`resume` instead of rescheduling a task: the supervisor then
-    starts a task for the actor again (see ``ChildSpec.hibernate_after``).
+    A message (or a stop) for an actor whose task has ended calls
+    :meth:`resume` instead of rescheduling a task: the supervisor's subclass
+    then starts a task for the actor again (see ``ChildSpec.hibernate_after``).
     """
 
-    __slots__ = ("resume",)
+    __slots__ = ()
 
-    def __init__(self, resume: Callable[[], None]) -> None:
-        self.resume = resume
+    def resume(self) -> None:
+        raise NotImplementedError
 
 
 def wake_receiver(receiver: trio.lowlevel.Task | Waker) -> None:
@@ -90,6 +90,21 @@ def wake_receiver(receiver: trio.lowlevel.Task | Waker) -> None:
         receiver.resume()
     else:
         trio.lowlevel.reschedule(receiver)
+
+
+_POLICY_TABLES: dict[MailboxConfig, tuple[dict[type, Overflow], dict[type, Overflow]]] = {}
+_MAX_SHARED_TABLES: Final = 256
+
+
+def _policy_tables(config: MailboxConfig) -> tuple[dict[type, Overflow], dict[type, Overflow]]:
+    """The per-type policies of ``config`` and a cache of lookups, shared by
+    every mailbox of an equal config (up to a bound of distinct configs)."""
+    tables = _POLICY_TABLES.get(config)
+    if tables is None:
+        tables = (dict(config.per_type), {})
+        if len(_POLICY_TABLES) < _MAX_SHARED_TABLES:
+            _POLICY_TABLES[config] = tables
+    return tables
 
 
 def _to_overflow(value: Overflow | str) -> Overflow:
@@ -256,16 +271,17 @@ class Mailbox:
         self.capacity = config.size
         self.block_timeout = config.block_timeout
         self._default = config.overflow
-        self._per_type = dict(config.per_type)
+        # Shared by the mailboxes of one config (there may be one per
+        # connection): the per-type policies and their lookup cache.
+        self._per_type, self._cache = _policy_tables(config)
         self._has_per_type = bool(self._per_type)
-        self._cache: dict[type, Overflow] = {}
         self._key_fn = config.coalesce_key
         self._queue: deque[Any] = deque()
         self._slots: dict[Hashable, _Envelope] = {}
         # The loop's task while it waits for a message; a Waker while the
         # actor hibernates; None while it runs.
         self._receiver: trio.lowlevel.Task | Waker | None = None
-        self._space = trio.lowlevel.ParkingLot()
+        self._space: trio.lowlevel.ParkingLot | None = None  # made when a sender first blocks
         self._blocked = 0  # senders parked in _space (an upper bound)
         # ActorRef.tell_nowait's fast path applies: open, one policy for all.
         self._plain = not self._has_per_type and self._default is not Overflow.KEEP_LATEST
@@ -283,7 +299,12 @@ class Mailbox:
 
     @property
     def blocked_senders(self) -> int:
-        return len(self._space)
+        return 0 if self._space is None else len(self._space)
+
+    def unpark_one(self) -> None:
+        """Let one blocked sender retry (a message was taken out)."""
+        if self._space is not None:
+            self._space.unpark()
 
     def policy_for(self, message: Any) -> Overflow:
         """The overflow policy that applies to ``message``."""
@@ -418,8 +439,11 @@ class Mailbox:
         with trio.move_on_after(math.inf if limit is None else limit):
             while True:
                 self._blocked += 1
+                space = self._space
+                if space is None:
+                    space = self._space = trio.lowlevel.ParkingLot()
                 try:
-                    await self._space.park()
+                    await space.park()
                 finally:
                     self._blocked -= 1
                 try:
@@ -439,7 +463,7 @@ class Mailbox:
         """
         item = self._queue.popleft()
         if self._blocked:
-            self._space.unpark()
+            self.unpark_one()
         if type(item) is _Envelope:
             if item.key is not None:
                 del self._slots[item.key]
@@ -473,5 +497,6 @@ class Mailbox:
             if type(item) is _Envelope and item.reply is not None:
                 item.reply.fail(ActorStopped(self.path, f"actor {self.path} stopped before handling the ask"))
         self._slots.clear()
-        self._space.unpark_all()
+        if self._space is not None:
+            self._space.unpark_all()
         self.wake()

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextvars
 import enum
-import functools
 import logging
 import math
 import random
@@ -773,7 +772,7 @@ class Supervisor:
             child = _Child(spec, cell, None)
             if spec.hibernate_after is not None:
                 cell.hibernate_after = spec.hibernate_after
-                cell.waker = Waker(functools.partial(self._resume, child))
+                cell.waker = _ChildWaker(self, child)
         else:
             nested = Supervisor(
                 path=path,
@@ -1094,6 +1093,19 @@ class Supervisor:
             del self._children[child.id]
         child.pending_restart = 0
         child.close()
+
+
+class _ChildWaker(Waker):
+    """Resumes one hibernating child of one supervisor."""
+
+    __slots__ = ("child", "supervisor")
+
+    def __init__(self, supervisor: Supervisor, child: _Child) -> None:
+        self.supervisor = supervisor
+        self.child = child
+
+    def resume(self) -> None:
+        self.supervisor._resume(self.child)
 
 
 class _Starting:

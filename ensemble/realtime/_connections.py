@@ -78,6 +78,7 @@ from typing import Any, Final, Protocol
 import attrs
 import trio
 
+from .._sync import LazyEvent
 from ..actors import Actor, ActorError, ActorRef, ActorStopped, ChildSpec, MailboxConfig, Supervisor
 from ._errors import NotAllowed, NotFound, RateLimited, TooManyConnections
 from ._events import Event, Subscriber, raw_event
@@ -401,7 +402,7 @@ class _Connection:
     ref: ActorRef | None = None
     registered: bool = True
     finishing: bool = False
-    done: trio.Event = attrs.field(factory=trio.Event)
+    done: LazyEvent = attrs.field(factory=LazyEvent)
     send_scope: trio.CancelScope | None = None
     overflow_positions: Positions | None = None
     sent_positions: Positions = attrs.field(factory=dict)

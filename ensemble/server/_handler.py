@@ -46,6 +46,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from .._sync import LazyEvent
 from ..protocol import CloseCode, ProtocolError, _commands as cmd, decode, dumps, encode_error, encode_pong, encode_reply
 from ..realtime import (
     ApprovalRequired,
@@ -130,7 +131,7 @@ class _SessionTransport:
         self._handler = handler
         self.inner = inner
         self._session = session
-        self._ready = trio.Event()
+        self._ready = LazyEvent()
         self._first: bytes | None = None
         self._first_written = True
         self._held = False

@@ -716,22 +716,25 @@ class EnsembleApp:
                 finally:
                     nursery.cancel_scope.cancel()
 
-    @asynccontextmanager
-    async def connection(
+    def connection(
         self,
         transport: Transport,
         identity: Identity | None,
         *,
         kind: str,
         client: Any = None,
-    ) -> AsyncIterator[str | None]:
-        """An admitted client's hub connection, for as long as the block runs.
+    ) -> _ClientConnection:
+        """An admitted client's hub connection, for as long as the
+        ``async with`` block runs.
 
         Opens it (``handler.open``: the ``welcome`` is its first frame) and
         has the heartbeat track it; at the end it is closed (1001, "connection
-        ended", unless closed already) and forgotten. Yields the connection
-        id, or ``None`` when it could not be opened: the transport was then
-        closed with 1013 (too many connections) or 1011.
+        ended", unless closed already) and forgotten. The block gets the
+        connection id, or ``None`` when it could not be opened: the transport
+        was then closed with 1013 (too many connections) or 1011.
+
+        (A small object rather than a generator: it lives as long as the
+        connection, so it is part of what an idle connection costs.)
 
         Args:
             transport: The connection's hub transport.
@@ -739,33 +742,7 @@ class EnsembleApp:
             kind: The transport's name, in the connection's metadata.
             client: The peer's ``(host, port)``, if known.
         """
-        handler, heartbeat = self.handler, self.heartbeat
-        if handler is None or heartbeat is None:
-            raise RuntimeError("the app is not running")
-        metadata = {"transport": kind}
-        if client:
-            metadata["remote"] = f"{client[0]}:{client[1]}"
-        try:
-            info = await handler.open(transport, identity, metadata=metadata)
-        except TooManyConnections:
-            await transport.close(int(CloseCode.TRY_AGAIN_LATER), "too many connections")
-            yield None
-            return
-        except ValueError as exc:
-            logger.warning("opening a connection failed: %s", exc)
-            await transport.close(int(CloseCode.INTERNAL_ERROR), "internal error")
-            yield None
-            return
-        connection_id = info.connection_id
-        self._connections.add(connection_id)
-        heartbeat.opened(connection_id)
-        try:
-            yield connection_id
-        finally:
-            self._connections.discard(connection_id)
-            heartbeat.closed(connection_id)
-            with trio.CancelScope(shield=True), trio.move_on_after(self.config.shutdown_timeout):
-                await handler.close(connection_id, code=CloseCode.GOING_AWAY, reason="connection ended")
+        return _ClientConnection(self, transport, identity, kind, client)
 
     async def client_frame(self, connection_id: str, text: str) -> None:
         """A text frame from a client: counted, noted as a sign of life, handled."""
@@ -877,3 +854,56 @@ async def _static(scope: Scope, send: Send, entry: tuple[str, str]) -> None:
     ]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+
+class _ClientConnection:
+    """:meth:`EnsembleApp.connection`."""
+
+    __slots__ = ("app", "client", "connection_id", "handler", "heartbeat", "identity", "kind", "transport")
+
+    def __init__(self, app: EnsembleApp, transport: Transport, identity: Identity | None, kind: str, client: Any) -> None:
+        self.app = app
+        self.transport = transport
+        self.identity = identity
+        self.kind = kind
+        self.client = client
+        self.connection_id: str | None = None
+        self.handler: ProtocolHandler | None = None
+        self.heartbeat: Heartbeat | None = None
+
+    async def __aenter__(self) -> str | None:
+        app = self.app
+        handler, heartbeat = app.handler, app.heartbeat
+        if handler is None or heartbeat is None:
+            raise RuntimeError("the app is not running")
+        metadata = {"transport": self.kind}
+        client = self.client
+        if client:
+            metadata["remote"] = f"{client[0]}:{client[1]}"
+        transport = self.transport
+        try:
+            info = await handler.open(transport, self.identity, metadata=metadata)
+        except TooManyConnections:
+            await transport.close(int(CloseCode.TRY_AGAIN_LATER), "too many connections")
+            return None
+        except ValueError as exc:
+            logger.warning("opening a connection failed: %s", exc)
+            await transport.close(int(CloseCode.INTERNAL_ERROR), "internal error")
+            return None
+        connection_id = self.connection_id = info.connection_id
+        self.handler, self.heartbeat = handler, heartbeat
+        app._connections.add(connection_id)
+        heartbeat.opened(connection_id)
+        return connection_id
+
+    async def __aexit__(self, *exc: object) -> None:
+        connection_id = self.connection_id
+        if connection_id is None:
+            return
+        app, handler, heartbeat = self.app, self.handler, self.heartbeat
+        assert handler is not None
+        assert heartbeat is not None
+        app._connections.discard(connection_id)
+        heartbeat.closed(connection_id)
+        with trio.CancelScope(shield=True), trio.move_on_after(app.config.shutdown_timeout):
+            await handler.close(connection_id, code=CloseCode.GOING_AWAY, reason="connection ended")
