@@ -123,6 +123,10 @@ class Sizes:
     openloop_loads: tuple[float, ...] = (0.1, 0.5)  # fractions of the saturation rate
     openloop_duration: float = 10.0
     idle_clients: tuple[int, ...] = (1000, 5000, 10000)
+    # Seconds the idle connections are left alone before the "idle" reading
+    # (Ensemble's actors hibernate after hub.hibernate_after = 10 s idle,
+    # checked every 10 s); a "fresh" reading is taken at once too.
+    idle_settle: float = 25.0
     accept_burst: int = 5000
     slow_clients: int = 100
     slow_messages: int = 2000  # more than the outbox's 1,000 events plus what the kernel buffers absorb (see the module docstring)
@@ -691,13 +695,17 @@ class Matrix:
                 try:
                     line = run.stdout_line("connected ", s.setup_timeout + 60)
                     connected = int(line.split()[1])
+                    fresh = median_rss_kb(server.pid, 5, 1.0)
+                    time.sleep(s.idle_settle)
                     with_n = median_rss_kb(server.pid, 5, 1.0)
                     run.release()
                     record["report"] = run.finish(loadgen_bound(s, 0))
                 finally:
                     run.kill()
                 alive = server.proc.poll() is None
-                record["server_process"].update({"rss_before_kb": before, "rss_with_kb": with_n, "alive_after_run": alive})
+                record["server_process"].update(
+                    {"rss_before_kb": before, "rss_fresh_kb": fresh, "rss_with_kb": with_n, "alive_after_run": alive}
+                )
             record["server_process"]["exit_status"] = server.proc.returncode
             if not alive:
                 raise RunFailed(f"the server exited during the run with status {server.proc.returncode}: {tail(server.log, 600)}")
@@ -709,6 +717,9 @@ class Matrix:
                     "rss_before_kb": before,
                     "rss_kb": with_n,
                     "kb_per_conn": (with_n - before) / connected if before is not None and with_n is not None and connected else None,
+                    "rss_fresh_kb": fresh,
+                    "kb_per_conn_fresh": (fresh - before) / connected if before is not None and fresh is not None and connected else None,
+                    "settle_s": s.idle_settle,
                     "setup_s": setup.get("seconds"),
                     "setup_per_s": setup.get("clients_per_s"),
                     "errors": setup.get("errors"),
@@ -1086,6 +1097,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             for n in levels:
                 lv = by_n.get(n) or {}
                 cell = _num(lv.get("kb_per_conn"), 1) if not lv.get("error") else "FAILED"
+                if not lv.get("error") and lv.get("kb_per_conn_fresh") is not None:
+                    cell += f" ({_num(lv['kb_per_conn_fresh'], 1)})"
                 if lv.get("connected") is not None and lv["connected"] != n:
                     cell += f" ({lv['connected']:,} connected)"
                 cells.append(cell)
@@ -1102,7 +1115,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         header = [
             "server",
             "RSS before MiB",
-            *[f"KB/conn @{n:,}" for n in levels],
+            *[f"KB/conn @{n:,} (fresh)" for n in levels],
             f"setup conn/s @{levels[-1]:,}",
             f"{sizes['accept_burst']:,} at once: ready",
             "of which TCP accepted",
@@ -1118,8 +1131,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             markdown_table(header, rows, right=range(1, len(header))),
             "",
             "KB per connection = (server RSS with N idle connections - RSS before any connection) / N; each N on a fresh server, "
-            "RSS the median of 5 readings of `VmRSS` over about 1 s once loadgen reported every client connected (Ensemble: the "
-            "welcome received; not joined). Set-up rate: clients ready per second with loadgen's default concurrency. "
+            "RSS the median of 5 readings of `VmRSS` over about 1 s, taken once loadgen reported every client connected (Ensemble: "
+            f"the welcome received; not joined) and left alone for {sizes.get('idle_settle', 0):g} s (in brackets: the same at "
+            "once, while the connections are fresh). Set-up rate: clients ready per second with loadgen's default concurrency. "
             f'"{sizes["accept_burst"]:,} at once": loadgen sets up all clients concurrently; the time from the first connect to '
             "the last client ready (connected/asked), and the time until the last TCP connection was established (the "
             "server's kernel accepted it from the listen backlog).",

@@ -26,6 +26,7 @@ def tiny(bench: ModuleType) -> Any:
         fanout_repeats=1,
         fanout_window=3,
         idle_clients=(20,),
+        idle_settle=0.5,
         accept_burst=20,
         echo_round_trips=20,
         run_timeout=20.0,
@@ -84,6 +85,8 @@ def check_server(report: dict[str, Any], server: str) -> None:
     assert level["connected"] == 20
     assert level["rss_kb"] > 0
     assert level["kb_per_conn"] is not None
+    assert level["kb_per_conn_fresh"] is not None
+    assert level["settle_s"] == 0.5
     assert level["setup_per_s"] > 0
     burst = idle["accept_burst"]
     assert burst["error"] is None
