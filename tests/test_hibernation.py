@@ -224,3 +224,26 @@ async def test_many_actors_hibernate_and_each_wakes_alone(autojump_clock: trio.t
 def test_hibernate_after_must_be_a_positive_number_of_seconds(value: float) -> None:
     with pytest.raises(ValueError, match="hibernate_after"):
         ChildSpec(id="a", factory=lambda: Counter([]), hibernate_after=value)
+
+
+async def test_a_hibernating_actor_gives_up_its_queue_and_gets_one_back(autojump_clock: trio.testing.MockClock) -> None:
+    injector = FaultInjector()
+    async with open_actor(lambda: Counter([]), hibernate_after=5) as ref:
+        await ref.ask(Add(1))
+        await trio.sleep(11)
+        mailbox = ref._cell.mailbox
+        assert ref.statistics().state == "hibernating"
+        assert mailbox._queue == ()  # no deque held while hibernating
+        assert len(mailbox) == 0
+        # tell_nowait (its fast path is off meanwhile), ask and fill_mailbox all work.
+        ref.tell_nowait(Add(1))
+        assert await ref.ask(Add(1)) == 3
+        await trio.sleep(11)
+        assert mailbox._queue == ()
+        with injector.stall(ref):
+            assert injector.fill_mailbox(ref, Add(1)) == ref.statistics().mailbox_capacity
+        assert await ref.ask(Add(0)) == 3 + ref.statistics().mailbox_capacity
+        # Woken by a stop alone (no message), it stops cleanly.
+        await trio.sleep(11)
+        assert ref.statistics().state == "hibernating"
+    assert not ref.alive

@@ -586,6 +586,7 @@ class _Cell:
         actor = self.actor
         assert actor is not None, f"{self.path} has no incarnation to resume"
         assert self.state == "waking", f"{self.path} is not waking from hibernation"
+        self.mailbox.restore_queue()
         self.state = "running"
         await self._live(actor)
 
@@ -732,6 +733,7 @@ class _Cell:
                             # task (no checkpoint from here to its end).
                             self.state = "hibernating"
                             self.hibernations += 1
+                            mailbox.release_queue()
                             mailbox._receiver = self.waker
                             return True
                 else:

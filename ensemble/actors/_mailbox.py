@@ -92,6 +92,7 @@ def wake_receiver(receiver: trio.lowlevel.Task | Waker) -> None:
         trio.lowlevel.reschedule(receiver)
 
 
+_NO_QUEUE: Final[Any] = ()  # the queue of a hibernating actor's mailbox (see release_queue)
 _POLICY_TABLES: dict[MailboxConfig, tuple[dict[type, Overflow], dict[type, Overflow]]] = {}
 _MAX_SHARED_TABLES: Final = 256
 
@@ -247,6 +248,7 @@ class Mailbox:
         "_key_fn",
         "_per_type",
         "_plain",
+        "_plain_when_open",
         "_queue",
         "_receiver",
         "_slots",
@@ -284,7 +286,7 @@ class Mailbox:
         self._space: trio.lowlevel.ParkingLot | None = None  # made when a sender first blocks
         self._blocked = 0  # senders parked in _space (an upper bound)
         # ActorRef.tell_nowait's fast path applies: open, one policy for all.
-        self._plain = not self._has_per_type and self._default is not Overflow.KEEP_LATEST
+        self._plain = self._plain_when_open = not self._has_per_type and self._default is not Overflow.KEEP_LATEST
         self.closed = False
         self.peak = 0
         self.dropped_newest = 0
@@ -296,6 +298,20 @@ class Mailbox:
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    def release_queue(self) -> None:
+        """Give up the (empty) queue while the actor hibernates: an empty deque
+        still holds a 64-slot block. Puts take the slow path meanwhile, which
+        makes a new one (as does :meth:`restore_queue`)."""
+        if not self._queue:
+            self._queue = _NO_QUEUE
+            self._plain = False
+
+    def restore_queue(self) -> None:
+        """Have a queue again (after :meth:`release_queue`)."""
+        if self._queue is _NO_QUEUE:
+            self._queue = deque()
+            self._plain = self._plain_when_open and not self.closed
 
     @property
     def blocked_senders(self) -> int:
@@ -334,6 +350,8 @@ class Mailbox:
         if self.closed:
             raise ActorStopped(self.path, f"actor {self.path} has stopped")
         policy = self.policy_for(message) if self._has_per_type else self._default
+        if self._queue is _NO_QUEUE:
+            self.restore_queue()
         if policy is Overflow.KEEP_LATEST:
             self._put_keep_latest(message, reply)
             return

@@ -849,6 +849,7 @@ class Supervisor:
             hibernating = error is None and child.cell is not None and child.cell.hibernating
             if hibernating:
                 self._hibernations += 1
+                child.scope = None  # a new one when it wakes
             else:
                 self._task_ended(child)
             if not starting.over:
@@ -898,6 +899,7 @@ class Supervisor:
             hibernating = error is None and cell.hibernating
             if hibernating:
                 self._hibernations += 1
+                child.scope = None  # a new one when it wakes
             else:
                 self._task_ended(child)
         if hibernating or scope.cancelled_caught or child.terminating:
@@ -1077,7 +1079,13 @@ class Supervisor:
             done = child.done
             if done is None:
                 done = child.done = trio.Event()
-            child.request_stop()
+            child.request_stop()  # wakes a hibernating child
+            if child.cell is not None and child.cell.hibernating:
+                # It could not be given a task (the supervisor is closing):
+                # there is nothing to run its on_stop in.
+                logger.warning("%s could not be woken to stop; dropped without on_stop", _join(self.path, child.id))
+                self._task_ended(child)
+                return
             with trio.move_on_after(child.spec.shutdown):
                 await done.wait()
             if not done.is_set():

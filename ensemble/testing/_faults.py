@@ -218,6 +218,7 @@ class FaultInjector:
         if mailbox.closed:
             raise ActorStopped(ref.path, f"actor {ref.path} has stopped")
         added = 0
+        mailbox.restore_queue()
         while len(mailbox) < mailbox.capacity - leave:
             mailbox._queue.append(message)
             added += 1
