@@ -40,6 +40,9 @@ class TransportCounters:
             limits, shutting down).
         protocol_errors: Connections closed for what the client sent
             (binary frames, oversized frames).
+        readers_hibernated: Times the reader of an idle native connection
+            gave up its task (``hub.hibernate_after``).
+        readers_woken: Times such a reader got a task again.
     """
 
     frames_in: int = 0
@@ -48,6 +51,8 @@ class TransportCounters:
     bytes_out: int = 0
     refused: int = 0
     protocol_errors: int = 0
+    readers_hibernated: int = 0
+    readers_woken: int = 0
 
 
 def _group(path: str, root: str) -> str:
@@ -89,6 +94,8 @@ class HubCollector(Collector):
         yield _counter("ensemble_bytes_out", "Bytes of frames written to clients.", counters.bytes_out)
         yield _counter("ensemble_handshakes_refused", "WebSocket handshakes refused.", counters.refused)
         yield _counter("ensemble_protocol_errors", "Connections closed for what the client sent.", counters.protocol_errors)
+        yield _counter("ensemble_readers_hibernated", "Idle native readers that gave up their task.", counters.readers_hibernated)
+        yield _counter("ensemble_readers_woken", "Hibernating native readers given a task again.", counters.readers_woken)
         hub = self._hub()
         if hub is not None:
             yield from self._hub_metrics(hub)
@@ -118,6 +125,9 @@ class HubCollector(Collector):
         depth = GaugeMetricFamily("ensemble_mailbox_depth", "Messages queued in actor mailboxes, summed per group.", labels=["group"])
         peak = GaugeMetricFamily("ensemble_mailbox_depth_max", "The deepest actor mailbox now, per group.", labels=["group"])
         actors = GaugeMetricFamily("ensemble_actors", "Actors running, per group.", labels=["group"])
+        hibernating = GaugeMetricFamily(
+            "ensemble_actors_hibernating", "Actors without a task while idle (counted in ensemble_actors too), per group.", labels=["group"]
+        )
         drops = CounterMetricFamily(
             "ensemble_mailbox_drops",
             "Messages dropped or refused by the mailboxes of running actors, per group.",
@@ -125,30 +135,32 @@ class HubCollector(Collector):
         )
         restarts = CounterMetricFamily("ensemble_restarts", "Child restarts performed by supervisors, per group.", labels=["group"])
         given_up = CounterMetricFamily("ensemble_children_given_up", "Children removed after too many restarts.", labels=["group"])
-        totals: dict[str, list[int]] = {}  # group -> [depth, max depth, actors, drops]
+        totals: dict[str, list[int]] = {}  # group -> [depth, max depth, actors, drops, hibernating]
         supervised: dict[str, list[int]] = {}  # group -> [restarts, given up]
         for node in hub.snapshot().walk():
             group = _group(node.path, root)
             stats_ = node.statistics
             if isinstance(stats_, ActorStatistics):
-                row = totals.setdefault(group, [0, 0, 0, 0])
+                row = totals.setdefault(group, [0, 0, 0, 0, 0])
                 row[0] += stats_.mailbox_depth
                 row[1] = max(row[1], stats_.mailbox_depth)
                 row[2] += 1
                 row[3] += stats_.dropped_newest + stats_.dropped_oldest + stats_.refused + stats_.block_timeouts
+                row[4] += stats_.state == "hibernating"
             elif isinstance(stats_, SupervisorStatistics):
                 sup = supervised.setdefault(group, [0, 0])
                 sup[0] += stats_.restarts
                 sup[1] += stats_.children_given_up
-        for group, (total, deepest, count, dropped) in sorted(totals.items()):
+        for group, (total, deepest, count, dropped, asleep) in sorted(totals.items()):
             depth.add_metric([group], total)
             peak.add_metric([group], deepest)
             actors.add_metric([group], count)
+            hibernating.add_metric([group], asleep)
             drops.add_metric([group], dropped)
         for group, (restarted, removed) in sorted(supervised.items()):
             restarts.add_metric([group], restarted)
             given_up.add_metric([group], removed)
-        yield from (depth, peak, actors, drops, restarts, given_up)
+        yield from (depth, peak, actors, hibernating, drops, restarts, given_up)
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

@@ -38,8 +38,13 @@ peer stopped reading altogether.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import json
 import logging
+import math
+import select
 import socket as _stdlib_socket
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -114,6 +119,10 @@ class NativeWebSocketTransport:
         self.peer_gone = False
         self.reading: trio.CancelScope | None = None
         """The connection's read loop: once closed, it reads for :data:`CLOSE_GRACE` more at most."""
+        self.read_deadline = math.inf
+        """Until when the reader reads (set by the close; applies to a later read loop too)."""
+        self.on_close: Callable[[], None] | None = None
+        """Called once the close frame is written: the reader of a hibernating connection wakes."""
 
     def __repr__(self) -> str:
         return f"<NativeWebSocketTransport close_code={self.close_code}>"
@@ -238,12 +247,16 @@ class NativeWebSocketTransport:
             self.peer_gone = True
         finally:
             self.close_sent.set()
+            # The client has a moment to answer the close; one that cannot be
+            # written to gets none.
+            grace = 0.0 if self.peer_gone else CLOSE_GRACE
+            self.read_deadline = min(self.read_deadline, trio.current_time() + grace)
             reading = self.reading
             if reading is not None:
-                # The client has a moment to answer the close; one that cannot
-                # be written to gets none.
-                grace = 0.0 if self.peer_gone else CLOSE_GRACE
-                reading.deadline = min(reading.deadline, trio.current_time() + grace)
+                reading.deadline = min(reading.deadline, self.read_deadline)
+            hook = self.on_close
+            if hook is not None:
+                hook()
 
     async def _write(self, data: bytes) -> None:
         """Write ``data`` (after the rest of an interrupted write); cancellable,
@@ -309,31 +322,49 @@ class NativeServer:
         self.cache = FrameCache()
         self.connections = 0
         self.idle = trio.Event()
+        self.idle_readers: _IdleReaders | None = None  # set by serve_native
 
     async def handle(self, stream: trio.abc.Stream) -> None:
-        """One client connection, from its first byte to its close."""
+        """One client connection: its handshake, then its reader (which may
+        hibernate and carry on in other tasks, see :class:`_IdleReaders`)."""
         self.connections += 1
         if self.idle.is_set():
             self.idle = trio.Event()
+        connection: _NativeConnection | None = None
         try:
-            await self._handle(stream)
+            accepted = await self._handshake(stream)
+            if accepted is not None:
+                # Only what the connection needs stays referenced from here on
+                # (not the request, its scope or the HTTP parser): an idle
+                # connection is small.
+                opening = _NativeConnection(self, stream, *accepted)
+                if await opening.open():
+                    connection = opening
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass
         except Exception:
             logger.exception("a native connection failed")
         finally:
-            self.connections -= 1
-            if not self.connections:
-                self.idle.set()
-            await trio.aclose_forcefully(stream)
+            if connection is None:
+                await self._ended(stream)
+        if connection is not None:
+            await connection.run()
 
-    async def _handle(self, stream: trio.abc.Stream) -> None:
-        accepted = await self._handshake(stream)
-        if accepted is not None:
-            # Only what the connection needs stays referenced from here on
-            # (not the request, its scope or the HTTP parser): an idle
-            # connection is small.
-            await self._serve(stream, *accepted)
+    async def _ended(self, stream: trio.abc.Stream) -> None:
+        """A connection is over: count it out and close its stream."""
+        self.connections -= 1
+        if not self.connections:
+            self.idle.set()
+        await trio.aclose_forcefully(stream)
+
+    def _ended_now(self, stream: trio.abc.Stream) -> None:
+        """As :meth:`_ended`, without waiting (a plain socket: closed at once)."""
+        self.connections -= 1
+        if not self.connections:
+            self.idle.set()
+        sock = getattr(stream, "socket", None)
+        if sock is not None:
+            sock.close()
 
     async def _handshake(self, stream: trio.abc.Stream) -> tuple[Identity | None, Any, bytes] | None:
         """Read the request; answer HTTP, or decide and answer a WebSocket upgrade.
@@ -379,89 +410,6 @@ class NativeServer:
         return admission.identity, scope.get("client"), bytes(trailing)
 
     # -- WebSocket ----------------------------------------------------------------
-
-    async def _serve(self, stream: trio.abc.Stream, identity: Identity | None, client: Any, initial: bytes) -> None:
-        app = self.app
-        transport = NativeWebSocketTransport(stream, self.cache, app.counters, write_timeout=self.config.limits.write_timeout)
-        async with app.connection(transport, identity, kind="native", client=client) as connection_id:
-            if connection_id is None:
-                await self._await_close(stream)
-                return
-            with trio.CancelScope() as reading:
-                transport.reading = reading
-                await self._read(stream, transport, connection_id, initial)
-
-    async def _read(self, stream: trio.abc.Stream, transport: NativeWebSocketTransport, connection_id: str, initial: bytes) -> None:
-        """Hand each client message to the app until the client leaves or the close ends."""
-        app = self.app
-        counters = app.counters
-        max_size = self.config.limits.max_message_size
-        ws = Connection(ConnectionType.SERVER)
-        parts: list[str] = []
-        size = 0
-        data = initial
-        texts: list[str] = []  # the messages of one read, handed over together
-        # An idle connection waits for its socket to be readable here, not
-        # inside SocketStream.receive_some: three frames fewer held by every
-        # idle connection's task (the read then finds the data at once).
-        sock = stream.socket if isinstance(stream, trio.SocketStream) else None
-        while True:
-            if data:
-                ws.receive_data(data)
-                for event in ws.events():
-                    if texts and not isinstance(event, TextMessage):
-                        await app.client_frames(connection_id, texts)  # in order with what follows
-                        texts = []
-                    if transport.closed:
-                        if isinstance(event, CloseConnection):
-                            return  # the client's answer to our close
-                        continue  # read and drop until then
-                    if isinstance(event, TextMessage):
-                        chunk = event.data
-                        size += len(chunk) if chunk.isascii() else len(chunk.encode("utf-8"))
-                        if size > max_size:
-                            if texts:
-                                await app.client_frames(connection_id, texts)
-                                texts = []
-                            counters.protocol_errors += 1
-                            await app.close_connection(connection_id, CloseCode.MESSAGE_TOO_BIG, "message too big")
-                            parts.clear()
-                            continue
-                        parts.append(chunk)
-                        if event.message_finished:
-                            texts.append(parts[0] if len(parts) == 1 else "".join(parts))
-                            parts.clear()
-                            size = 0
-                    elif isinstance(event, BytesMessage):
-                        if event.message_finished:
-                            counters.protocol_errors += 1
-                            await app.close_connection(connection_id, CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
-                    elif isinstance(event, Ping):
-                        await transport.control(frame(bytes(event.payload), OP_PONG))
-                    elif isinstance(event, Pong):
-                        pass  # the heartbeat pings in the protocol, not with ping frames
-                    elif isinstance(event, CloseConnection):
-                        if ws.state is ConnectionState.REMOTE_CLOSING:
-                            # The client closes: our close frame (1000) is the answer.
-                            await app.close_connection(connection_id, CloseCode.NORMAL, "client went away")
-                            return
-                        # A protocol violation wsproto found (1002, 1007): close with its code.
-                        counters.protocol_errors += 1
-                        await app.close_connection(connection_id, _violation(event.code), event.reason or "protocol error")
-                        return
-                if texts:
-                    await app.client_frames(connection_id, texts)
-                    texts = []
-            try:
-                if sock is not None:
-                    await trio.lowlevel.wait_readable(sock)
-                data = bytes(await stream.receive_some(RECEIVE_SIZE))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                transport.peer_gone = True
-                await app.close_connection(connection_id, CloseCode.NORMAL, "client went away")
-                return
 
     async def _await_close(self, stream: trio.abc.Stream) -> None:
         """After a refusal's close frame: give the client a moment to answer
@@ -685,6 +633,276 @@ def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
     return context
 
 
+class _NativeConnection:
+    """One open WebSocket of the native transport: its reader's state.
+
+    The reader (:meth:`run`) hands each client message to the app until the
+    client leaves or the close ends. It keeps its state here rather than in
+    its task's frames so that, idle, it can *hibernate*: its task ends, the
+    socket is watched by the server's :class:`_IdleReaders`, and the next
+    byte from the client (or the close of the connection) starts a task that
+    carries on here. The connection's hub side (``app.connection``) stays
+    open meanwhile; it is closed when the reader ends for good.
+    """
+
+    __slots__ = (
+        "connection_id",
+        "ctx",
+        "fd",
+        "idle",
+        "mark",
+        "parts",
+        "pending",
+        "reads",
+        "server",
+        "size",
+        "stream",
+        "transport",
+        "waiting",
+        "ws",
+    )
+
+    def __init__(self, server: NativeServer, stream: trio.abc.Stream, identity: Identity | None, client: Any, initial: bytes) -> None:
+        self.server = server
+        self.stream = stream
+        app = server.app
+        self.transport = NativeWebSocketTransport(stream, server.cache, app.counters, write_timeout=server.config.limits.write_timeout)
+        self.ctx = app.connection(self.transport, identity, kind="native", client=client)
+        self.connection_id: str | None = None
+        self.ws = Connection(ConnectionType.SERVER)
+        self.pending = initial  # read, not yet parsed
+        self.parts: list[str] = []  # the fragments of a text message so far
+        self.size = 0  # their size in bytes
+        self.reads = 0  # reads so far; the idle sweep compares it with ``mark``
+        self.mark = -1
+        self.idle: trio.CancelScope | None = None  # while waiting for the socket
+        self.waiting = False
+        self.fd = -1  # the socket's, while hibernating
+
+    async def open(self) -> bool:
+        """Open the hub connection (the ``welcome`` is its first frame).
+
+        Returns:
+            Whether it opened; if not, the client was told (1013 or 1011).
+        """
+        self.connection_id = await self.ctx.__aenter__()
+        if self.connection_id is None:
+            await self.server._await_close(self.stream)
+            return False
+        return True
+
+    async def run(self) -> None:
+        """Read until the connection ends (then close it) or hibernates."""
+        hibernated = False
+        try:
+            try:
+                hibernated = await self._read()
+            finally:
+                if not hibernated:
+                    await self.ctx.__aexit__(None, None, None)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            pass
+        except Exception:
+            logger.exception("a native connection failed")
+        finally:
+            if not hibernated:
+                idle_readers = self.server.idle_readers
+                if idle_readers is not None:
+                    idle_readers.awake.discard(self)
+                self.transport.on_close = None
+                await self.server._ended(self.stream)
+
+    async def _read(self) -> bool:
+        """Hand each client message to the app until the client leaves or the
+        close ends (returns False), or until it hibernates (returns True)."""
+        server = self.server
+        app = server.app
+        counters = app.counters
+        max_size = server.config.limits.max_message_size
+        transport = self.transport
+        connection_id = self.connection_id
+        assert connection_id is not None
+        ws = self.ws
+        parts = self.parts
+        texts: list[str] = []  # the messages of one read, handed over together
+        stream = self.stream
+        # A plain socket waits for readability here, not inside
+        # SocketStream.receive_some (three frames fewer held while idle), and
+        # may hibernate; TLS reads through the SSLStream.
+        sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        idle_readers = server.idle_readers if sock is not None else None
+        if idle_readers is not None:
+            idle_readers.awake.add(self)
+        data = self.pending
+        self.pending = b""
+        with trio.CancelScope(deadline=transport.read_deadline) as reading:
+            transport.reading = reading
+            try:
+                while True:
+                    if data:
+                        ws.receive_data(data)
+                        for event in ws.events():
+                            if texts and not isinstance(event, TextMessage):
+                                await app.client_frames(connection_id, texts)  # in order with what follows
+                                texts = []
+                            if transport.closed:
+                                if isinstance(event, CloseConnection):
+                                    return False  # the client's answer to our close
+                                continue  # read and drop until then
+                            if isinstance(event, TextMessage):
+                                chunk = event.data
+                                self.size += len(chunk) if chunk.isascii() else len(chunk.encode("utf-8"))
+                                if self.size > max_size:
+                                    if texts:
+                                        await app.client_frames(connection_id, texts)
+                                        texts = []
+                                    counters.protocol_errors += 1
+                                    await app.close_connection(connection_id, CloseCode.MESSAGE_TOO_BIG, "message too big")
+                                    parts.clear()
+                                    continue
+                                parts.append(chunk)
+                                if event.message_finished:
+                                    texts.append(parts[0] if len(parts) == 1 else "".join(parts))
+                                    parts.clear()
+                                    self.size = 0
+                            elif isinstance(event, BytesMessage):
+                                if event.message_finished:
+                                    counters.protocol_errors += 1
+                                    await app.close_connection(connection_id, CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+                            elif isinstance(event, Ping):
+                                await transport.control(frame(bytes(event.payload), OP_PONG))
+                            elif isinstance(event, Pong):
+                                pass  # the heartbeat pings in the protocol, not with ping frames
+                            elif isinstance(event, CloseConnection):
+                                if ws.state is ConnectionState.REMOTE_CLOSING:
+                                    # The client closes: our close frame (1000) is the answer.
+                                    await app.close_connection(connection_id, CloseCode.NORMAL, "client went away")
+                                    return False
+                                # A protocol violation wsproto found (1002, 1007): close with its code.
+                                counters.protocol_errors += 1
+                                await app.close_connection(connection_id, _violation(event.code), event.reason or "protocol error")
+                                return False
+                        if texts:
+                            await app.client_frames(connection_id, texts)
+                            texts = []
+                    try:
+                        if sock is not None:
+                            if idle_readers is not None and not transport.closed:
+                                idle = self.idle = trio.CancelScope()
+                                self.waiting = True
+                                try:
+                                    with idle:
+                                        await trio.lowlevel.wait_readable(sock)
+                                finally:
+                                    self.waiting = False
+                                    self.idle = None
+                                if idle.cancelled_caught:
+                                    # Idle for a sweep period: hibernate (the
+                                    # socket is readable-watched from now on).
+                                    idle_readers.awake.discard(self)
+                                    idle_readers.sleep(self, sock)
+                                    return True
+                            else:
+                                await trio.lowlevel.wait_readable(sock)
+                        data = bytes(await stream.receive_some(RECEIVE_SIZE))
+                        self.reads += 1
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                    if not data:
+                        transport.peer_gone = True
+                        await app.close_connection(connection_id, CloseCode.NORMAL, "client went away")
+                        return False
+            finally:
+                transport.reading = None
+        return False  # the close's grace ended
+
+
+class _IdleReaders:
+    """Where the readers of idle native connections hibernate.
+
+    A reader that waited a whole sweep period for its socket gives up its
+    task: the socket goes into a private ``epoll`` set that one task watches
+    (Linux; elsewhere readers do not hibernate), and becomes a reader task
+    again when the client sends anything, closes, or the connection is
+    closed from the server's side. An idle connection then holds no task,
+    no coroutine frames and no cancel scopes.
+
+    Args:
+        nursery: Where woken readers run (the server's connection nursery).
+        period: Seconds between sweeps; a reader idle for a full period
+            hibernates (``hub.hibernate_after``).
+    """
+
+    def __init__(self, nursery: trio.Nursery, period: float) -> None:
+        self._epoll = select.epoll()
+        self._nursery = nursery
+        self.period = period
+        self.awake: set[_NativeConnection] = set()  # readers with a task (plain sockets)
+        self.sleeping: dict[int, _NativeConnection] = {}
+
+    @staticmethod
+    def available() -> bool:
+        """Whether readers can hibernate on this platform (``select.epoll``)."""
+        return hasattr(select, "epoll")
+
+    def sleep(self, connection: _NativeConnection, sock: trio.socket.SocketType) -> None:
+        """Watch ``connection``'s socket instead of its reader task."""
+        fd = connection.fd = sock.fileno()
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        self.sleeping[fd] = connection
+        connection.server.app.counters.readers_hibernated += 1
+        connection.transport.on_close = functools.partial(self._wake_connection, connection)
+
+    def _wake_connection(self, connection: _NativeConnection) -> None:
+        if self.sleeping.get(connection.fd) is connection:
+            self._wake(connection.fd)
+
+    def _wake(self, fd: int) -> None:
+        connection = self.sleeping.pop(fd, None)
+        if connection is None:
+            return
+        connection.fd = -1
+        with contextlib.suppress(OSError):
+            self._epoll.unregister(fd)
+        connection.transport.on_close = None
+        connection.server.app.counters.readers_woken += 1
+        self._nursery.start_soon(connection.run)
+
+    def _sweep(self) -> None:
+        for connection in self.awake:
+            if connection.waiting and connection.idle is not None and not connection.transport.closed:
+                if connection.reads == connection.mark:
+                    connection.idle.cancel()
+                else:
+                    connection.mark = connection.reads
+            else:
+                connection.mark = -1  # busy now: a full idle period from its next wait
+
+    async def run(self) -> None:
+        """Watch the sleeping sockets and sweep the awake readers, until cancelled."""
+        epoll = self._epoll
+        next_sweep = trio.current_time() + self.period
+        try:
+            while True:
+                with trio.move_on_at(next_sweep):
+                    await trio.lowlevel.wait_readable(epoll)
+                for fd, _ in epoll.poll(0):
+                    self._wake(fd)
+                if trio.current_time() >= next_sweep:
+                    self._sweep()
+                    next_sweep = trio.current_time() + self.period
+        finally:
+            # The server is stopping: the sleeping connections were closed
+            # from the server's side first (which woke them); whatever is
+            # left is closed here without its goodbye.
+            for fd, connection in list(self.sleeping.items()):
+                del self.sleeping[fd]
+                with contextlib.suppress(OSError):
+                    epoll.unregister(fd)
+                connection.server._ended_now(connection.stream)
+            epoll.close()
+
+
 async def serve_native(
     app: EnsembleApp,
     *,
@@ -716,8 +934,12 @@ async def serve_native(
         if context is not None:
             listeners = [trio.SSLListener(listener, context, https_compatible=True) for listener in listeners]
         server = NativeServer(app, tls=context is not None)
+        hibernate_after = config.hub.hibernate_after
         async with trio.open_nursery() as nursery:
             connections = await nursery.start(_connections_nursery)
+            if hibernate_after > 0 and _IdleReaders.available():
+                server.idle_readers = _IdleReaders(connections, hibernate_after)
+                nursery.start_soon(server.idle_readers.run)
             listening = await nursery.start(_listen, server, listeners, connections)
             task_status.started(urls)
             await shutdown_trigger()
@@ -743,4 +965,33 @@ async def _listen(
 ) -> None:
     with trio.CancelScope() as scope:
         task_status.started(scope)
-        await trio.serve_listeners(server.handle, listeners, handler_nursery=connections)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(_accept_loop, listener, server.handle, connections)
+
+
+# The errors of accept() that mean "out of some resource, try again later"
+# (trio.serve_listeners's list): logged, then accepting resumes after a pause.
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    code for code in (getattr(errno, name, None) for name in ("EMFILE", "ENFILE", "ENOMEM", "ENOBUFS")) if code is not None
+)
+_ACCEPT_PAUSE: Final = 0.1  # seconds
+
+
+async def _accept_loop(listener: Any, handler: Callable[[Any], Awaitable[None]], connections: trio.Nursery) -> None:
+    """Accept connections forever, each handled in ``connections``.
+
+    As ``trio.serve_listeners``, except that the handler closes its stream
+    itself: a connection whose reader hibernates outlives its first task.
+    """
+    async with listener:  # closed when accepting ends
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                logger.error("accept() failed (%s); accepting again in %s s", errno.errorcode.get(exc.errno or 0, exc.errno), _ACCEPT_PAUSE)
+                await trio.sleep(_ACCEPT_PAUSE)
+            else:
+                connections.start_soon(handler, stream)
