@@ -247,3 +247,44 @@ async def test_a_hibernating_actor_gives_up_its_queue_and_gets_one_back(autojump
         await trio.sleep(11)
         assert ref.statistics().state == "hibernating"
     assert not ref.alive
+
+
+async def test_start_hibernating_hibernates_at_the_first_idle_moment(autojump_clock: trio.testing.MockClock) -> None:
+    journal: list[str] = []
+    async with open_supervisor() as supervisor:
+        ref = await supervisor.start_child(
+            ChildSpec(id="a", factory=lambda: Counter(journal), hibernate_after=1000, start_hibernating=True)
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        assert ref.statistics().state == "hibernating"  # at once, not after 1000 s
+        assert await ref.ask(Add(2)) == 2
+        await trio.sleep(100)
+        assert ref.statistics().state == "running"  # later idleness follows hibernate_after
+        await trio.sleep(2000)
+        assert ref.statistics().state == "hibernating"
+        # A restarted incarnation starts hibernating again.
+        with pytest.raises(ActorCrashed):
+            await ref.ask(Add(-1))
+        await trio.testing.wait_all_tasks_blocked()
+        assert ref.statistics().state == "hibernating"
+        assert ref.statistics().hibernations == 3
+    assert journal == ["start", "stop 2", "start", "stop 0"]
+
+
+async def test_start_hibernating_waits_for_a_timer(autojump_clock: trio.testing.MockClock) -> None:
+    class WithTimer(Counter):
+        async def on_start(self) -> None:
+            await super().on_start()
+            self.start_timer("tick", 10, Tick())
+
+    journal: list[str] = []
+    async with open_supervisor() as supervisor:
+        ref = await supervisor.start_child(
+            ChildSpec(id="a", factory=lambda: WithTimer(journal), hibernate_after=1000, start_hibernating=True)
+        )
+        await trio.sleep(5)
+        assert ref.statistics().state == "running"  # its timer keeps it
+        await trio.sleep(6)
+        assert journal == ["start", "tick"]
+        await trio.sleep(2500)
+        assert ref.statistics().state == "hibernating"

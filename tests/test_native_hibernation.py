@@ -32,28 +32,33 @@ async def test_an_idle_connection_hibernates_and_wakes_for_the_client(autojump_c
     config = make_config(transport="native", hub__hibernate_after=HIBERNATE_AFTER)
     async with running_server(config) as server, open_websocket_url(server.ws_url()) as ws:
         assert (await receive_json(ws))["type"] == "welcome"
+        await trio.sleep(1)
         counters = server.app.counters
-        awake = task_count()
-        await trio.sleep(3 * HIBERNATE_AFTER)
+        # A new connection hibernates as soon as it is idle: its reader, its
+        # actor and its user's mailbox actor hold no task.
         assert counters.readers_hibernated == 1
-        # The reader, the connection's actor and the guest's mailbox actor
-        # gave up their tasks.
-        assert task_count() == awake - 3
         assert server.hub.connections.supervisor.statistics().hibernating == 1
+        assert server.hub.notifications._supervisor.statistics().hibernating == 1
         # The client speaks: the reader and the connection's actor wake.
         assert (await request(ws, 1, type="ping"))["type"] == "pong"
         assert counters.readers_woken == 1
-        assert (await request(ws, 2, type="join", room="lobby"))["ok"] is True
-        # It hibernates again, and a room message still reaches it (the
-        # direct writer writes without waking anyone).
+        assert server.hub.connections.supervisor.statistics().hibernating == 0
+        awake = task_count()
+        # Idle for a period, they hibernate again.
         await trio.sleep(3 * HIBERNATE_AFTER)
         assert counters.readers_hibernated == 2
+        assert task_count() == awake - 2
+        assert server.hub.connections.supervisor.statistics().hibernating == 1
+        assert (await request(ws, 2, type="join", room="lobby"))["ok"] is True
+        await trio.sleep(3 * HIBERNATE_AFTER)
+        assert counters.readers_hibernated == 3
+        # A room message reaches it without waking anyone (the direct writer).
         room = await server.hub.room("lobby")
         await room.broadcast({"note": "hello"})
         message = await receive_json(ws)
         while "note" not in json.dumps(message):
             message = await receive_json(ws)
-        assert counters.readers_woken == 1
+        assert counters.readers_woken == 2
 
 
 async def test_a_hibernating_connection_closed_by_the_server_says_goodbye(autojump_clock: trio.testing.MockClock) -> None:

@@ -391,6 +391,7 @@ class _Cell:
         "rejected",
         "restarts",
         "stalled",
+        "start_hibernating",
         "state",
         "task",
         "timers_fired",
@@ -426,6 +427,7 @@ class _Cell:
         # message to the idle, task-less actor calls (see hibernate()).
         self.waker: Waker | None = None
         self.hibernate_after: float | None = None
+        self.start_hibernating = False  # hibernate at the first idle moment of each incarnation
         self._hibernate_asked = False
         self.activity_mark = -1  # messages handled at the supervisor's last sweep
         self.idle_since = 0.0
@@ -562,7 +564,7 @@ class _Cell:
         raises the exception of a crash.
         """
         self._stop_requested = False
-        self._hibernate_asked = False
+        self._hibernate_asked = self.start_hibernating
         self._clear_timers()
         self.state = "starting"
         try:
@@ -654,6 +656,14 @@ class _Cell:
         trio.lowlevel.reschedule(task)
         return True
 
+    def _enter_hibernation(self) -> None:
+        """The loop ends its task now: the waker stands in for it."""
+        self._hibernate_asked = False
+        self.state = "hibernating"
+        self.hibernations += 1
+        self.mailbox.release_queue()
+        self.mailbox._receiver = self.waker
+
     def _can_hibernate(self) -> bool:
         mailbox = self.mailbox
         return (
@@ -723,6 +733,11 @@ class _Cell:
                 # fewer objects held by every idle actor than its closure and
                 # coroutine (keep the two in step).
                 deadline = self._next_deadline()
+                if deadline == math.inf and self._hibernate_asked and self._can_hibernate():
+                    # start_hibernating: idle for the first time in this
+                    # incarnation (no checkpoint from here to the task's end).
+                    self._enter_hibernation()
+                    return True
                 mailbox._receiver = trio.lowlevel.current_task()
                 if deadline == math.inf:
                     await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
@@ -731,10 +746,7 @@ class _Cell:
                         if self._can_hibernate():
                             # Nothing came since hibernate() looked: end the
                             # task (no checkpoint from here to its end).
-                            self.state = "hibernating"
-                            self.hibernations += 1
-                            mailbox.release_queue()
-                            mailbox._receiver = self.waker
+                            self._enter_hibernation()
                             return True
                 else:
                     with trio.CancelScope(deadline=deadline):

@@ -164,6 +164,12 @@ class ChildSpec:
             ``hibernate_after`` seconds, so an actor hibernates after
             between one and two such periods without messages. ``None``
             (the default): never.
+        start_hibernating: With ``hibernate_after``: the first time the
+            actor is idle after ``on_start`` (each incarnation), it
+            hibernates at once instead of after a period. For actors that
+            are mostly idle from the start (one per connection): a burst of
+            starts then never holds a task per actor, and the memory their
+            tasks used is reused by the next ones.
     """
 
     id: str = attrs.field(validator=_valid_id)
@@ -175,6 +181,7 @@ class ChildSpec:
     max_seconds: float = attrs.field(default=5.0, validator=_non_negative)
     on_given_up: Callable[[str], None] | None = attrs.field(default=None, eq=False)
     hibernate_after: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    start_hibernating: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -772,6 +779,7 @@ class Supervisor:
             child = _Child(spec, cell, None)
             if spec.hibernate_after is not None:
                 cell.hibernate_after = spec.hibernate_after
+                cell.start_hibernating = spec.start_hibernating
                 cell.waker = _ChildWaker(self, child)
         else:
             nested = Supervisor(

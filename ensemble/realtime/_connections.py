@@ -1020,6 +1020,7 @@ class ConnectionManager:
                     restart="temporary",
                     shutdown=self.close_timeout,
                     hibernate_after=self.hibernate_after,
+                    start_hibernating=self.hibernate_after is not None,
                 )
             )
         except BaseException:

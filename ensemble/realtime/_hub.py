@@ -117,7 +117,8 @@ class HubConfig:
             a connection, or of a user's mailbox, gives up its task until
             its next message (see ``ChildSpec.hibernate_after``): an idle
             connection then costs no actor task. A wake-up costs starting a
-            task. 0: never.
+            task. A new connection's actors (and native reader) hibernate as
+            soon as they are first idle. 0: never.
         mailbox_max_restarts: Restarts a user mailbox may take ...
         mailbox_max_seconds: ... within this many seconds, before it is
             given up on alone (its next use starts it again from its store).

@@ -584,6 +584,7 @@ class NotificationManager:
             max_restarts=self._max_restarts,
             max_seconds=self._max_seconds,
             hibernate_after=self._hibernate_after,
+            start_hibernating=self._hibernate_after is not None,
         )
         try:
             return await self._supervisor.start_child(spec)

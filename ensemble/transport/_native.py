@@ -1,7 +1,7 @@
 """The native transport: WebSocket directly on trio streams.
 
-``serve_native(app)`` listens with ``trio.serve_listeners`` (TLS through
-``trio.SSLStream`` when ``config.tls_certfile`` is set) and runs the same
+``serve_native(app)`` listens (its own accept loop, as ``trio.serve_listeners``;
+TLS through ``trio.SSLStream`` when ``config.tls_certfile`` is set) and runs the same
 :class:`~ensemble.transport._asgi.EnsembleApp` as the ASGI transport: the
 same handshake decision (:meth:`EnsembleApp.admit`: origin, credential,
 limits), the same protocol handler, heartbeat, HTTP API, metrics and demo
@@ -34,6 +34,14 @@ batch (the client's stream stays valid) and then sends the close frame
 (4008 with the resume positions), all bounded by ``limits.write_timeout``;
 the kernel's ``TCP_USER_TIMEOUT`` (the same limit) aborts a connection whose
 peer stopped reading altogether.
+
+An idle connection holds no task: its reader keeps its state in a
+:class:`_NativeConnection` and, on a plain socket, after ``hub.hibernate_after``
+seconds without a read, ends its task and leaves the socket to
+:class:`_IdleReaders` (one ``epoll`` set, one task for all of them), which
+gives it a task again when the client sends anything or goes away, or when
+the server closes the connection. (With the hub's hibernating actors, that
+takes an idle connection from about 28 KB to about 12 KB; docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -649,6 +657,7 @@ class _NativeConnection:
         "connection_id",
         "ctx",
         "fd",
+        "fresh",
         "idle",
         "mark",
         "parts",
@@ -678,6 +687,7 @@ class _NativeConnection:
         self.idle: trio.CancelScope | None = None  # while waiting for the socket
         self.waiting = False
         self.fd = -1  # the socket's, while hibernating
+        self.fresh = True  # not hibernated yet: does so at its first wait
 
     async def open(self) -> bool:
         """Open the hub connection (the ``welcome`` is its first frame).
@@ -787,6 +797,14 @@ class _NativeConnection:
                             texts = []
                     try:
                         if sock is not None:
+                            if idle_readers is not None and self.fresh and not transport.closed:
+                                # A new connection whose client has said
+                                # nothing yet: hibernate at once (a burst of
+                                # new connections never holds a task each).
+                                self.fresh = False
+                                idle_readers.awake.discard(self)
+                                idle_readers.sleep(self, sock)
+                                return True
                             if idle_readers is not None and not transport.closed:
                                 idle = self.idle = trio.CancelScope()
                                 self.waiting = True
