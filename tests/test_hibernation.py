@@ -14,6 +14,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from _tasks import task_count
 
 from ensemble.actors import Actor, ActorCrashed, ActorRef, ChildSpec, open_actor, open_supervisor
 from ensemble.testing import FaultInjector
@@ -66,17 +67,6 @@ class Counter(Actor):
         if message == "current?":
             return self.ref.is_current_task()
         raise TypeError(message)
-
-
-def task_count() -> int:
-    """Every task of the run, from the root down."""
-
-    def count(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(count(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
-
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    return count(root)
 
 
 async def test_an_idle_actor_hibernates_and_the_next_message_resumes_it(autojump_clock: trio.testing.MockClock) -> None:

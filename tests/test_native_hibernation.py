@@ -13,19 +13,11 @@ import json
 import trio
 import trio.testing
 from _sockets import closed_with, make_config, open_websocket_url, receive_json, request, running_server
+from _tasks import task_count
 
 from ensemble.protocol import CloseCode
 
 HIBERNATE_AFTER = 5.0
-
-
-def task_count() -> int:
-    def count(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(count(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
-
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    return count(root)
 
 
 async def test_an_idle_connection_hibernates_and_wakes_for_the_client(autojump_clock: trio.testing.MockClock) -> None:
