@@ -124,6 +124,7 @@ MARKER = b"@LoadGen#"
 """Starts every published payload. Printable and without a border (no prefix of
 it is also a suffix), it never occurs in, or across, a frame header; long, so
 that ``bytes.count`` skips quickly over the rest of a frame."""
+_ENSEMBLE_REPLY = b'"type":"reply"'  # a reply to a command (a send's echoes the content)
 _TS_START = len(MARKER) + 1  # after "T"
 _TS_END = _TS_START + 19  # the publish time: 19 digits
 SAMPLE_ALL_BELOW = 200_000
@@ -723,7 +724,12 @@ class Engine:
         if k and c.role != "pub":
             self._deliver(c, k, data, 0, len(data), now)
         elif k:
-            c.count += k  # the publisher's own copies (its window)
+            # The publisher's own copies of the fan-out (its window). Not the
+            # replies to its sends: they echo the content, but they say only
+            # that the server took a message, not that it was delivered.
+            if self.kind == "ensemble":
+                k -= data.count(_ENSEMBLE_REPLY)
+            c.count += max(k, 0)
         if self.kind == "ensemble":
             if _ENSEMBLE_PING in data:
                 self._send(c, client_frame(_ENSEMBLE_PONG))

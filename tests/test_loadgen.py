@@ -140,6 +140,24 @@ def test_ping_is_answered_with_pong(lg: ModuleType, engines: Callable[..., Any])
     assert client.count == 1
 
 
+def test_the_publisher_counts_its_copies_of_the_fan_out_not_the_replies(lg: ModuleType, engines: Callable[..., Any]) -> None:
+    # The window of a flow-controlled publisher is its own copies of the
+    # room's messages; the reply to a send echoes the content too, but says
+    # only that the server took the message.
+    engine = engines("ensemble")
+    publisher = engine.attach(FakeSocket(), role="pub")
+    body = lg.payload(1, 1)
+    reply = f'{{"type":"reply","ref":10,"ok":true,"data":{{"content":"{body}"}}}}'.encode()
+    event = f'{{"type":"message","topic":"room:r","data":{{"content":"{body}"}}}}'.encode()
+    engine.feed(publisher, lg.server_frame(reply))
+    assert publisher.count == 0
+    engine.feed(publisher, lg.server_frame(event))
+    assert publisher.count == 1
+    batched = b"[" + event + b"," + reply + b"," + event + b"]"  # batched frames mix both
+    engine.feed(publisher, lg.server_frame(batched))
+    assert publisher.count == 3
+
+
 def test_close_frame_records_code_and_reason(lg: ModuleType, engines: Callable[..., Any]) -> None:
     engine = engines("plain")
     sock = FakeSocket()
