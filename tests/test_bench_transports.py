@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+
+from ensemble.server import ServerConfig
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +164,12 @@ def test_a_matrix_that_dies_keeps_the_servers_it_finished(bench: ModuleType, tmp
     saved = json.loads(partial.read_text())
     assert saved["complete"] is False
     assert saved["summary"] == {"fanout": [{"server": "native"}], "echo": [{"server": "native", "error": None}]}  # servers finished
+
+
+def test_the_paced_hypercorn_server_writes_at_most_every_100_ms(bench: ModuleType) -> None:
+    text = bench.ensemble_toml(100, 10, slow=False, min_write_interval=bench.PACED_WRITE_INTERVAL)
+    data = tomllib.loads(text)
+    assert data["hub"]["min_write_interval"] == 0.1
+    assert "min_write_interval" not in tomllib.loads(bench.ensemble_toml(100, 10, slow=False))["hub"]
+    assert bench.ENSEMBLE_SERVERS["hypercorn-paced"] == ("hypercorn", True)  # batched frames too
+    assert ServerConfig.from_mapping(data).hub.min_write_interval == 0.1  # the server takes it
